@@ -11,10 +11,10 @@ ARGS ?=
 PYTEST_ARGS ?= -n 2
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow lint format pretrain clean
+.PHONY: help install train test test-slow lint format pretrain clean bench tables
 
 help: ## list every target
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@echo ">> installing peftbench into $(VENV) (first run only)"
@@ -34,6 +34,18 @@ test: $(STAMP) ## run the default test suite (no network, no GPU)
 
 test-slow: $(STAMP) ## run the slow tests as well
 	$(PY) -m pytest $(PYTEST_ARGS) -m "" $(ARGS)
+
+scale ?= smoke
+bench ?= cpu
+
+bench: $(STAMP) ## measure every method's cost side by side (bench=cpu|gpu); JSON + Markdown under outputs/bench
+	$(PY) -m peftbench.bench bench=$(bench) $(ARGS)
+
+table-%: $(STAMP) ## regenerate a paper table, e.g. make table-spt-1 scale=smoke|paper (skips finished runs)
+	$(PY) -m peftbench.tables $* scale=$(scale) $(ARGS)
+
+tables: $(STAMP) ## list the table specs
+	$(PY) -m peftbench.tables --list
 
 lint: $(STAMP) ## ruff check
 	$(PY) -m ruff check peftbench tests scripts
