@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -10,6 +11,22 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = "results.json"
+
+# top-level config keys that do not change a run's outcome: left out of its key
+KEY_EXCLUDES = ("run_dir", "resume", "skip_done", "group", "logger", "paths", "_choices_", "hydra")
+
+
+def run_key(config: dict[str, Any]) -> str:
+    """A short hash naming what a run computes: its resolved config minus where it writes and how it logs.
+
+    Two runs with the same key are the same experiment (same data, model, method, recipe, seed, protocol), however
+    their overrides were spelled; sweeps and tables use it to skip runs that are already ``ok`` in the index.
+    """
+    kept = {k: v for k, v in config.items() if k not in KEY_EXCLUDES}
+    if isinstance(kept.get("data"), dict):  # loader parallelism never changes the numbers
+        kept["data"] = {k: v for k, v in kept["data"].items() if k != "num_workers"}
+    blob = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -50,6 +67,20 @@ def read_index(index_file: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def latest_by_key(index_file: Path) -> dict[str, dict[str, Any]]:
+    """Run key -> its newest record in the index (an ``ok`` record is never replaced by a later failure of the same
+    key: a finished result is not lost because a re-run crashed)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for record in read_index(index_file):
+        key = record.get("key")
+        if key is None:
+            continue
+        if latest.get(key, {}).get("status") == "ok" and record.get("status") != "ok":
+            continue
+        latest[key] = record
+    return latest
 
 
 def read_results(run_dir: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -28,7 +29,7 @@ from peftbench.errors import PeftbenchError, user_error
 from peftbench.export import TASK_FILE, save_task
 from peftbench.loggers import finish
 from peftbench.module import PEFTModule
-from peftbench.results import RESULTS, append_index, write_json_atomic
+from peftbench.results import RESULTS, append_index, latest_by_key, run_key, write_json_atomic
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -156,6 +157,8 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     picked = choices(cfg)
     record: dict[str, Any] = {
+        "key": config_key(cfg),
+        "group": cfg.get("group"),
         "run_dir": str(run_dir.resolve()),
         "method": picked.get("method", OmegaConf.select(cfg, "method._target_")),
         "dataset": picked.get("dataset", OmegaConf.select(cfg, "dataset.name")),
@@ -185,6 +188,17 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return record
 
 
+def config_key(cfg: DictConfig) -> str:
+    """The run key of ``cfg`` (see :func:`peftbench.results.run_key`)."""
+    return run_key(OmegaConf.to_container(cfg, resolve=True))
+
+
+def finished_run(cfg: DictConfig) -> dict[str, Any] | None:
+    """The index record of an ``ok`` run with the same key as ``cfg``, if there is one (what ``skip_done`` skips)."""
+    record = latest_by_key(Path(cfg.paths.index_file)).get(config_key(cfg))
+    return record if record and record.get("status") == "ok" else None
+
+
 def _finish(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json_atomic(run_dir / RESULTS, record)
@@ -209,12 +223,25 @@ def summary(record: dict[str, Any]) -> str:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    """Hydra entry point.
+
+    In a multirun (sweep) a failed run is recorded (results.json + index, status ``failed``) and the sweep goes on;
+    with ``skip_done=true`` a run whose key is already ``ok`` in the index is skipped, so an interrupted sweep
+    finishes on re-run without redoing finished runs.
+    """
+    hydra_cfg = HydraConfig.get()
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    if cfg.skip_done and not cfg.resume and (done := finished_run(cfg)) is not None:
+        print(f"peftbench: skipped (already ok: {done['run_dir']}) {' '.join(overrides())}")
+        return
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         record = execute(cfg, run_dir)
     except Exception as err:
         cause = user_error(err)
+        if sweeping:  # recorded by execute; the other runs of the sweep go on
+            print(f"peftbench: error (run recorded as failed, sweep continues): {cause or repr(err)}", file=sys.stderr)
+            return
         if cause is None:
             raise
         print(f"peftbench: error: {cause}", file=sys.stderr)
