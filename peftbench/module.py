@@ -130,7 +130,9 @@ class PEFTModule(L.LightningModule):
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
         per_epoch = max(1, total // max(1, self.trainer.max_epochs))
-        scheduler = self.scheduler_factory(optimizer, total_steps=total, steps_per_epoch=per_epoch)
+        restarts = self.method.schedule_restarts(self.method_state, self.trainer.max_epochs)
+        extra = {"restarts": [epoch * per_epoch for epoch in restarts]} if restarts else {}
+        scheduler = self.scheduler_factory(optimizer, total_steps=total, steps_per_epoch=per_epoch, **extra)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- checkpointing -----------------------------------------------------------------------------

@@ -79,3 +79,30 @@ def test_ddp_two_cpu_ranks_identical_selection_and_weights(tmp_path):
     assert rank0["weights_sha256"] == rank1["weights_sha256"]
     assert any(name.startswith("blocks.") for name in rank0["trainable"])
     assert json.loads((run_dir / "results.json").read_text())["status"] == "ok"
+
+
+DDP_METHODS = {  # methods that select from data or change the model during fit, under 2 DDP ranks
+    "tina": ["method=tina", "method.sigma0=8", "method.sigma_target=32", "method.epochs_per_cycle=1",
+             "method.score=activation", "scoring.n_samples=32", "trainer.max_epochs=3"],
+    "heart_lora": ["method=heart_lora", "method.ne=2", "method.warmup_epochs=1", "scoring.n_samples=32",
+                   "trainer.max_epochs=2"],
+    "spt_lora": ["method=spt_lora", "scorer=sensitivity", "method.budget=20K", "scoring.n_samples=32",
+                 "scoring.batch_size=16", "trainer.max_epochs=1"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(DDP_METHODS))
+def test_ddp_two_ranks_methods_that_select_or_shrink(tmp_path, method):
+    """Scoring (SPT), mid-fit head selection (Heart-LoRA) and structural pruning (TINA) under 2 gloo ranks:
+    both ranks end with the same trainable set and bit-identical weights."""
+    run_dir, digests = tmp_path / "run", tmp_path / "digests"
+    args = [*TINY, "trainer=ddp_cpu", *DDP_METHODS[method], f"paths.output_dir={tmp_path}", f"run_dir={run_dir}",
+            "+callbacks.digest._target_=tests.helpers.DigestCallback", f"+callbacks.digest.out_dir={digests}"]
+    out = cli("peftbench.train", *args, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rank0, rank1 = (json.loads((digests / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["status"] == "ok"
+    if method == "tina":
+        assert record["selection"]["prunes_done"] == 2

@@ -309,3 +309,61 @@ def test_resume_mid_cycles_matches_uninterrupted(tmp_path):
         for n in ("straight", "resumed")
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class LRProbe(L.Callback):
+    """Records the learning rate at the first step of every epoch."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.lrs = out, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.lrs[trainer.current_epoch] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with open(self.out, "w") as f:
+            json.dump(self.lrs, f)
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_lr_restarts_every_cycle_and_cycles_record_test_accuracy(tmp_path, restart):
+    overrides = TINY + [
+        "method=tina",
+        "method.sigma0=8",
+        "method.sigma_target=32",
+        "method.epochs_per_cycle=2",
+        f"method.lr_restart={str(restart).lower()}",
+        "trainer.max_epochs=6",
+        "data.batch_size=32",
+        "optimizer.lr=1e-3",
+        f"paths.output_dir={tmp_path}/o",
+        "+callbacks.lr._target_=tests.test_tina.LRProbe",
+        f"+callbacks.lr.out={tmp_path}/lr.json",
+    ]
+    record = execute(compose_config(overrides), tmp_path / "run")
+    lrs = {int(k): v for k, v in json.loads((tmp_path / "lr.json").read_text()).items()}
+    if restart:  # 3 cycles of 2 epochs: each starts with the same warm-up lr
+        assert lrs[0] == pytest.approx(lrs[2]) == pytest.approx(lrs[4])
+        assert lrs[1] != pytest.approx(lrs[0])
+    else:  # one schedule: after the warm-up epoch the lr only decays
+        assert lrs[2] > lrs[4] > 0 and lrs[2] != pytest.approx(lrs[0])
+    cycles = record["selection"]["cycles"]
+    assert [c["cycle"] for c in cycles] == [0, 1, 2]
+    assert all(c["test_acc"] is not None and 0 <= c["test_acc"] <= 1 for c in cycles)
+    assert cycles[-1]["test_acc"] == pytest.approx(record["metrics"]["test_acc"], abs=1e-6)  # same model, same data
+
+
+def test_schedule_with_restarts_repeats_the_scaled_schedule():
+    from peftbench.schedulers import cosine_with_warmup
+
+    def factors(**kw) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = cosine_with_warmup(opt, steps_per_epoch=10, warmup_epochs=2, **kw)
+        return [sched.lr_lambdas[0](t) for t in range(kw["total_steps"])]
+
+    whole = factors(total_steps=100)
+    cycled = factors(total_steps=100, restarts=[50])
+    assert cycled[:50] == cycled[50:]  # both segments identical
+    assert cycled[0] == pytest.approx(1 / 10)  # warm-up keeps its 20% share: 10 of the 50 steps
+    assert whole[0] == pytest.approx(1 / 20) and whole == factors(total_steps=100, restarts=[])

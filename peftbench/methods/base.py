@@ -51,6 +51,10 @@ class Method:
         """Lightning callbacks the method needs during training (none by default)."""
         return []
 
+    def schedule_restarts(self, state: State | None, max_epochs: int) -> list[int]:
+        """Epochs at which the learning-rate schedule starts again (methods that train in cycles); none by default."""
+        return []
+
     def describe(self, state: State) -> dict[str, Any]:
         """A JSON-friendly summary of the selection for results.json (default: nothing)."""
         return {}

@@ -28,7 +28,13 @@ Choices where the paper is silent (all in ``conf/method/tina.yaml``):
   with, then training continues (Table 3's non-iterative rows).
 - An emptied adapter is replaced by its base layer, dropping its ``up`` bias too.
 - ``epochs_per_cycle=null``: max_epochs // (prunes + 1), so the last cycle gets the remaining epochs.
-- Single device only: shrinking parameters under DDP would need DDP to be rebuilt (raises).
+- ``lr_restart=true`` (default): every cycle runs its own warm-up + cosine schedule (the paper: 20 warm-up + 80
+  cosine epochs per 100-epoch cycle; the authors' code retrains fully per cycle); AdamW moments of the surviving
+  neurons are kept either way. ``false``: one schedule over the whole fit.
+- Every cycle records its parameters, neurons per adapter, last val/acc and its test accuracy (``cycle_test``;
+  one evaluation of the test split when the cycle closes; under protocol=paper val/acc already is test).
+- DDP: every rank computes the same prune (weights are in sync; ties broken by a stable sort; activation scores
+  use the same scoring images on every rank), then the DDP wrapper is rebuilt around the shrunken parameters.
 """
 
 from __future__ import annotations
@@ -218,6 +224,8 @@ class Tina(Adapter):
         schedule: ``iterative`` (Alg. 1) or ``one_shot`` (a single prune to the final count).
         normalize: divide each adapter's scores by their max before the global threshold (authors' code).
         epochs_per_cycle: epochs between prunes (null: max_epochs // (prunes + 1)).
+        lr_restart: restart warm-up + cosine at every cycle (paper) instead of one schedule over the fit.
+        cycle_test: evaluate the test split at the end of every cycle (recorded in ``selection.cycles``).
         act, dropout: as for :class:`~peftbench.methods.adapter.Adapter`.
     """
 
@@ -232,6 +240,8 @@ class Tina(Adapter):
         schedule: str = "iterative",
         normalize: bool = True,
         epochs_per_cycle: int | None = None,
+        lr_restart: bool = True,
+        cycle_test: bool = True,
         act: str = "gelu",
         dropout: float = 0.0,
     ) -> None:
@@ -248,6 +258,7 @@ class Tina(Adapter):
         self.sigma0, self.n0, self.sigma_target, self.rho = float(sigma0), n0, float(sigma_target), float(rho)
         self.score, self.selection, self.schedule, self.normalize = score, selection, schedule, bool(normalize)
         self.epochs_per_cycle = epochs_per_cycle
+        self.lr_restart, self.cycle_test = bool(lr_restart), bool(cycle_test)
 
     @property
     def name(self) -> str:
@@ -285,6 +296,17 @@ class Tina(Adapter):
         if self.schedule == "one_shot" and steps:
             steps = [steps[-1]]
         return steps
+
+    def cycle_epochs(self, state: State, max_epochs: int) -> int:
+        """Epochs per cycle: ``epochs_per_cycle`` or max_epochs // (prunes + 1) (the last cycle takes the rest)."""
+        return self.epochs_per_cycle or max(1, max_epochs // (len(self.plan(state)) + 1))
+
+    def schedule_restarts(self, state: State | None, max_epochs: int) -> list[int]:
+        """With ``lr_restart``: the epochs at which a new cycle (and its warm-up + cosine) starts."""
+        if not self.lr_restart or not state:
+            return []
+        every = self.cycle_epochs(state, max_epochs)
+        return [every * (k + 1) for k in range(len(self.plan(state))) if every * (k + 1) < max_epochs]
 
     # --- Method interface --------------------------------------------------------------------------
     def select(self, model: nn.Module, scores: dict[str, torch.Tensor] | None) -> State:
@@ -325,6 +347,7 @@ class Tina(Adapter):
             "score": self.score,
             "selection": self.selection,
             "schedule": self.schedule,
+            "lr_restart": self.lr_restart,
             "rho": self.rho,
             "sigma0": self.sigma0,
             "n0": self.n0,
@@ -367,11 +390,9 @@ class TinaCallback(L.Callback):
         self.every = 1  # epochs per cycle
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size > 1:
-            raise NotImplementedError("TINA shrinks parameters during fit; run it on a single device")
         state = pl_module.method_state
         self.steps = self.method.plan(state)
-        self.every = self.method.epochs_per_cycle or max(1, trainer.max_epochs // (len(self.steps) + 1))
+        self.every = self.method.cycle_epochs(state, trainer.max_epochs)
         if len(self.steps) * self.every >= trainer.max_epochs:
             rank_zero_info(
                 f"TINA: {trainer.max_epochs} epochs fit fewer than {len(self.steps)} prunes "
@@ -383,12 +404,14 @@ class TinaCallback(L.Callback):
         epoch, done = trainer.current_epoch, state["prunes"]  # prunes already applied (resume-safe)
         if done >= len(self.steps) or epoch != (done + 1) * self.every:
             return
-        self.record(trainer, pl_module, epoch - 1)  # close the cycle that just ended
+        self.record(trainer, pl_module, epoch - 1, close=True)  # close the cycle that just ended
         kept = self.method.choose(pl_module.model, self.steps[done], pl_module.scoring_batches())
         mapping = prune(pl_module.model, kept)
         live = adapters(pl_module.model)
         state["neurons"] = {k: live[k].adapter.n if k in live else 0 for k in state["width"]}
         state["prunes"] = done + 1
+        if trainer.world_size > 1:
+            rewrap_ddp(trainer)
         rebuild_optimizer(trainer, pl_module, mapping)
         rank_zero_info(
             f"TINA: prune {done + 1}/{len(self.steps)} at epoch {epoch}: "
@@ -401,7 +424,7 @@ class TinaCallback(L.Callback):
             self.record(trainer, pl_module, trainer.current_epoch)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.record(trainer, pl_module, trainer.current_epoch - 1)
+        self.record(trainer, pl_module, trainer.current_epoch - 1, close=True)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Keep ``method_state.pt`` (what a resumed run re-applies) in step with the checkpoint's shapes."""
@@ -410,8 +433,9 @@ class TinaCallback(L.Callback):
                 if isinstance(callback, MethodStateSaver) and callback.path.exists():
                     torch.save(pl_module.method_state, callback.path)
 
-    def record(self, trainer: L.Trainer, pl_module: L.LightningModule, end_epoch: int) -> None:
-        """Write (or update) the current cycle's entry: its configuration, parameters and last val/acc."""
+    def record(self, trainer: L.Trainer, pl_module: L.LightningModule, end_epoch: int, close: bool = False) -> None:
+        """Write (or update) the current cycle's entry: its configuration, parameters, last val/acc and, when the
+        cycle closes (prune or end of fit), its test accuracy."""
         state = pl_module.method_state
         acc = trainer.callback_metrics.get("val/acc")
         entry = {
@@ -421,14 +445,44 @@ class TinaCallback(L.Callback):
             "sigma": self.method.compression(state),
             **trainable_counts(pl_module.model),
             "val_acc": None if acc is None else float(acc),
+            "test_acc": None,
         }
+        if close and self.method.cycle_test and trainer.datamodule is not None:
+            entry["test_acc"] = test_accuracy(trainer, pl_module)
         cycles = state["cycles"]
         if cycles and cycles[-1]["cycle"] == entry["cycle"]:
-            if entry["val_acc"] is None:  # e.g. right after a resume: keep the cycle's last known accuracy
-                entry["val_acc"] = cycles[-1]["val_acc"]
+            for key in ("val_acc", "test_acc"):  # e.g. right after a resume: keep the cycle's last known numbers
+                if entry[key] is None:
+                    entry[key] = cycles[-1].get(key)
             cycles[-1] = entry
         else:
             cycles.append(entry)
+
+
+@torch.no_grad()
+def test_accuracy(trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+    """Top-1 accuracy of the current model on the test split (eval mode, the run's precision; mode restored).
+    Under DDP every rank evaluates the whole split (the numbers agree)."""
+    datamodule = trainer.datamodule
+    was_training = pl_module.training
+    pl_module.eval()
+    correct = total = 0
+    with trainer.precision_plugin.forward_context():
+        for batch in datamodule.test_dataloader():
+            images, labels = datamodule.on_after_batch_transfer(
+                [t.to(pl_module.device) for t in batch], 0
+            )
+            correct += int((pl_module(images).argmax(-1) == labels).sum())
+            total += len(labels)
+    pl_module.train(was_training)
+    return correct / max(1, total)
+
+
+def rewrap_ddp(trainer: L.Trainer) -> None:
+    """Re-create the DistributedDataParallel wrapper after parameters were replaced (its buckets hold the old ones)."""
+    strategy = trainer.strategy
+    strategy.model = strategy.lightning_module  # drop the old wrapper
+    strategy.configure_ddp()
 
 
 def rebuild_optimizer(trainer: L.Trainer, pl_module: L.LightningModule, mapping: ParamMap) -> None:
