@@ -155,3 +155,36 @@ def test_end_to_end_run(tmp_path):
     sel = record["selection"]
     assert len(sel["heads"]) == 6 and all(len(h) == 3 for h in sel["heads"].values())
     assert record["params"]["trainable_backbone"] == sel["trainable_backbone"] == 6 * 3 * 3 * 16 * 192
+
+
+def test_hifi_on_swin_windows_and_per_stage_ratio():
+    """Swin (windowed attention, 2 and 4 heads per stage): I_h is a per-window mean inside [1, min(N_w, D)];
+    ratio picks round(ratio * H) heads per stage; trainable = sum 3 k_l D_l C_l; merged == unmerged."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    from peftbench.backbones import anatomy
+    from peftbench.methods.base import merge, prepare_model
+    from peftbench.methods.hifi import HiFi as HiFiMethod
+    from peftbench.scorers.hifi import HiFi as HiFiScorer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2),
+                            num_heads=(2, 4), num_classes=3).eval()
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    scores = HiFiScorer()(model, [(x, y)])
+    views = [b for b in anatomy.blocks(model) if b.attn is not None]
+    for b in views:
+        info = scores[f"{b.path}.attn:info"]
+        assert info.shape == (b.num_heads,) and (info >= 1).all() and (info <= min(16, b.head_dim)).all()
+    method = HiFiMethod(ratio=0.5)
+    state = prepare_model(model, method, HiFiScorer(), lambda: [(x, y)])
+    assert [len(state["heads"][b.path]) for b in views] == [1, 1, 2, 2]
+    expected = sum(3 * len(state["heads"][b.path]) * b.head_dim * b.dim for b in views)
+    assert state["trainable_backbone"] == expected
+    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "head" not in n) == expected
+    for p in (p for n, p in model.named_parameters() if p.requires_grad and "head" not in n):
+        torch.nn.init.normal_(p, std=0.05)
+    with torch.no_grad():
+        before = model(x)
+        merge(model)
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)

@@ -16,6 +16,8 @@ existing sparse layer. Ties in p*_h go to the lower head index.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -45,19 +47,29 @@ class HiFi(Method):
     """Tune the qkv rows of the top-k PageRank heads per layer.
 
     Args:
-        k: heads per tuned layer (3 in the paper).
+        k: heads per tuned layer (3 in the paper; capped at the layer's head count).
         strategy: ``layer_wise`` (every layer) or ``mid_top`` (layers from the middle up).
+        ratio: hierarchical backbones (Swin, whose stages have 4 / 8 / 16 / 32 heads): k_l = max(1, round(ratio *
+            H_l)) per layer instead of a fixed k (0.25 gives ViT-B's k = 3 of 12). None: the fixed ``k``.
     """
 
     needs_scores = True
     reparameterisable = True
 
-    def __init__(self, k: int = 3, strategy: str = "layer_wise") -> None:
+    def __init__(self, k: int = 3, strategy: str = "layer_wise", ratio: float | None = None) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown hifi strategy {strategy!r}; choose from {list(STRATEGIES)}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        self.k, self.strategy = int(k), strategy
+        if ratio is not None and not 0 < ratio <= 1:
+            raise ValueError(f"hifi ratio must lie in (0, 1], got {ratio}")
+        self.k, self.strategy, self.ratio = int(k), strategy, ratio
+
+    def heads_for(self, num_heads: int) -> int:
+        """Heads tuned in a layer with ``num_heads`` heads."""
+        if self.ratio is None:
+            return min(self.k, num_heads)
+        return max(1, int(math.floor(self.ratio * num_heads + 0.5)))
 
     @property
     def name(self) -> str:
@@ -76,9 +88,10 @@ class HiFi(Method):
             key = head_key(b, "pagerank")
             if key not in scores:
                 raise ValueError(f"hifi: no score {key!r}; was the model scored with scorer=hifi?")
-            heads[b.path] = top_heads(scores[key], self.k)
+            heads[b.path] = top_heads(scores[key], self.heads_for(b.num_heads))
             n_params += 3 * len(heads[b.path]) * b.head_dim * b.dim
-        return {"strategy": self.strategy, "k": self.k, "heads": heads, "trainable_backbone": n_params}
+        return {"strategy": self.strategy, "k": self.k, "ratio": self.ratio, "heads": heads,
+                "trainable_backbone": n_params}
 
     def apply(self, model: nn.Module, state: State) -> None:
         freeze(model)
@@ -93,6 +106,7 @@ class HiFi(Method):
         return {
             "strategy": state["strategy"],
             "k": state["k"],
+            "ratio": state.get("ratio"),
             "heads": {path: list(h) for path, h in state["heads"].items()},
             "trainable_backbone": state["trainable_backbone"],
         }

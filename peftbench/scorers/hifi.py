@@ -23,6 +23,9 @@ Per block (layer), from the per-head outputs O_h(x) (N x D, tokens x head width;
 Choices where the paper is silent: the model is scored in eval mode (no dropout / drop-path) under no_grad;
 every token (cls and patches) counts as a sequence position; d = 0.85 (standard PageRank; the paper sweeps d
 without stating its default); all samples the ``scoring:`` block provides are used (the paper: n ~ 300).
+Hierarchical backbones (Swin, new here): attention runs per window, so ``proj`` sees (B * windows, N_w, H*D);
+every window is one sequence and I_h, R are averaged over all windows of all images (stage by stage, each with
+its own head count).
 
 Returns per attention block ``<block path>.attn:pagerank`` (H,) p*_h (what ``method=hifi`` ranks),
 ``<block path>.attn:info`` (H,) mean I_h, ``<block path>.attn:corr`` (H, H) R; float32 on the CPU.
@@ -115,7 +118,7 @@ class HiFi:
         """Alg. 1: {block index: (mean I_h (H,), mean R (H, H))} over every sample of ``batches``."""
         views = {b.index: b for b in anatomy.blocks(model) if b.attn is not None}
         sums: dict[int, list[torch.Tensor]] = {}
-        n = 0
+        sequences: dict[int, int] = {}  # per block: images (ViT) or windows of all images (Swin)
         device = next(model.parameters()).device
         with Pristine(model), torch.no_grad():
             model.eval()
@@ -123,7 +126,7 @@ class HiFi:
                 with capture_heads(model) as captured:
                     model(x.to(device))
                 for i, outs in captured.items():
-                    o = outs[0]  # (B, N, H, D)
+                    o = outs[0]  # (S, N, H, D): S = B sequences (ViT) or B * windows (Swin)
                     info = information_richness(o, self.xi).double().sum(0)  # (H,)
                     corr = head_correlation(o).sum(0)  # (H, H)
                     if i in sums:
@@ -131,10 +134,10 @@ class HiFi:
                         sums[i][1] += corr
                     else:
                         sums[i] = [info, corr]
-                n += x.shape[0]
-        if n == 0:
+                    sequences[i] = sequences.get(i, 0) + o.shape[0]
+        if not sequences:
             raise ValueError("hifi scorer got no samples: check the scoring block (scoring.n_samples)")
-        return {i: (s[0] / n, s[1] / n) for i, s in sums.items() if i in views}
+        return {i: (s[0] / sequences[i], s[1] / sequences[i]) for i, s in sums.items() if i in views}
 
     def __call__(self, model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:
         views = {b.index: b for b in anatomy.blocks(model) if b.attn is not None}
