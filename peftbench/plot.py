@@ -1,109 +1,93 @@
-"""Figures from finished runs: ``python -m peftbench.plot <subcommand> ...``.
+"""Figures from score files, runs and the results index: ``python -m peftbench.plot <subcommand> ...``.
 
-Subcommands:
-    adapters <run_dir> [--out DIR]: for a TINA run (results.json ``selection.cycles``), writes
-        ``tina_neurons.png`` (neurons per adapter after each cycle, TINA Fig. 4) and
-        ``tina_accuracy.png`` (accuracy vs trainable backbone parameters over the cycles, TINA Fig. 5).
+Subcommands (each writes PNGs into ``--out``, default beside its input, and prints their paths):
+    adapters <run_dir>: TINA Fig. 4 (neurons per adapter per cycle, ``tina_neurons.png``) and Fig. 5 (accuracy vs
+        trainable parameters over the cycles, ``tina_accuracy.png``) of a ``method=tina`` run.
+    sensitivity <score file> [...]: SPT Fig. 4, sensitive share per block and per matrix type, one task per file
+        (``sensitivity.png``, ``sensitivity_matrices.png``).
+    cdra <score file or run_dir> [...]: CDRA-SPT Fig. 5, rows and columns of the compact sub-matrices
+        (``cdra_compact.png``).
+    heads <score file or run_dir>: layers x heads maps of HiFi (I_h, PageRank, chosen heads) or Heart-LoRA
+        (responsiveness, deactivated heads) (``hifi_heads.png`` / ``heart_heads.png``).
+    ne <index>: Heart-LoRA Fig. 8, accuracy against ne per task (``heart_ne.png``).
+    params <index>: SPT Fig. 3a, accuracy against trainable parameters per method (``params.png``).
+    compression <index>: TINA Fig. 3, accuracy against compression sigma, TINA vs adapters (``compression.png``).
+
+The figure code lives in :mod:`peftbench.plots` (one module per figure family, data extraction separate from
+drawing). Bad input stops with one line, ``peftbench.plot: <file>: <what is wrong and what to do>``, exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
-import matplotlib
+from peftbench.plots.adapters import adapters, load_cycles, plot_accuracy, plot_neurons, short
+from peftbench.plots.cdra import cdra
+from peftbench.plots.heads import heads
+from peftbench.plots.sensitivity import sensitivity
+from peftbench.plots.sweeps import compression, ne, params
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-
-def load_cycles(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The results record of ``run_dir`` and its TINA cycles; a clear error when the run has none."""
-    path = Path(run_dir) / "results.json"
-    if not path.exists():
-        raise SystemExit(f"peftbench.plot: {path} does not exist")
-    record = json.loads(path.read_text())
-    cycles = (record.get("selection") or {}).get("cycles")
-    if not cycles:
-        raise SystemExit(f"peftbench.plot: {path} has no selection.cycles (not a TINA run?)")
-    return record, cycles
+__all__ = [
+    "adapters", "cdra", "compression", "heads", "load_cycles", "main", "ne", "params", "plot_accuracy",
+    "plot_neurons", "sensitivity", "short",
+]  # fmt: skip
 
 
-def short(slot: str) -> str:
-    """``blocks.3.attn.proj`` -> ``3.msa``; ``blocks.3.mlp.fc2`` -> ``3.mlp``."""
-    parts = slot.split(".")
-    kind = "msa" if "attn" in parts else "mlp"
-    index = next((p for p in reversed(parts) if p.isdigit()), "?")
-    return f"{index}.{kind}"
+def parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    top = argparse.ArgumentParser(prog="python -m peftbench.plot", description=__doc__.splitlines()[0])
+    sub = top.add_subparsers(dest="command", required=True)
 
+    def add(name: str, help_: str, inputs: str, many: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("inputs", type=Path, nargs="+" if many else 1, metavar=inputs)
+        p.add_argument("--out", type=Path, default=None, help="output folder (default: beside the input)")
+        return p
 
-def plot_neurons(cycles: list[dict[str, Any]], out: Path) -> Path:
-    """One bar panel per cycle: hidden neurons n_i of every adapter slot (0 = adapter removed)."""
-    slots = list(cycles[0]["neurons"])
-    fig, axes = plt.subplots(
-        len(cycles), 1, figsize=(max(6, 0.35 * len(slots)), 1.8 * len(cycles)), sharex=True, squeeze=False
-    )
-    for ax, cycle in zip(axes[:, 0], cycles):
-        counts = [cycle["neurons"][s] for s in slots]
-        colors = ["tab:blue" if ".attn." in s else "tab:orange" for s in slots]
-        ax.bar(range(len(slots)), counts, color=colors)
-        ax.set_ylabel("n_i")
-        ax.set_title(f"cycle {cycle['cycle']}: {sum(counts)} neurons, sigma {cycle['sigma']:.0f}", fontsize=9)
-    axes[-1, 0].set_xticks(range(len(slots)), [short(s) for s in slots], rotation=90, fontsize=7)
-    axes[-1, 0].set_xlabel("adapter (block.msa / block.mlp)")
-    fig.tight_layout()
-    path = out / "tina_neurons.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_accuracy(record: dict[str, Any], cycles: list[dict[str, Any]], out: Path) -> Path:
-    """Last val/acc of each cycle against its trainable backbone parameters (plus the final test accuracy)."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    points = [(c["trainable_backbone"], c["val_acc"], c["cycle"]) for c in cycles if c.get("val_acc") is not None]
-    if points:
-        xs, ys, labels = zip(*points)
-        ax.plot(xs, ys, "o-", label="val acc (end of cycle)")
-        for x, y, label in points:
-            ax.annotate(str(label), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    test = (record.get("metrics") or {}).get("test_acc")
-    if test is not None:
-        ax.plot([cycles[-1]["trainable_backbone"]], [test], "s", color="tab:red", label="test acc (final)")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable backbone parameters")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"TINA cycles: {record.get('dataset')} ({record.get('backbone')})", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "tina_accuracy.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def adapters(run_dir: Path, out: Path | None = None) -> list[Path]:
-    """Write the TINA figures of ``run_dir`` into ``out`` (default: the run dir); return their paths."""
-    record, cycles = load_cycles(run_dir)
-    out = Path(out or run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return [plot_neurons(cycles, out), plot_accuracy(record, cycles, out)]
+    add("adapters", "TINA: neurons per adapter per cycle, accuracy vs parameters", "run_dir")
+    add("sensitivity", "SPT Fig. 4: sensitive share per block and per matrix type", "score_file", many=True)
+    add("cdra", "CDRA-SPT Fig. 5: rows/columns of the compact sub-matrices", "score_file_or_run_dir", many=True)
+    add("heads", "HiFi / Heart-LoRA: layers x heads maps", "score_file_or_run_dir")
+    for name, help_ in (
+        ("ne", "Heart-LoRA Fig. 8: accuracy against ne per task"),
+        ("params", "SPT Fig. 3a: accuracy against trainable parameters per method"),
+        ("compression", "TINA Fig. 3: accuracy against compression sigma, TINA vs adapters"),
+    ):
+        p = add(name, help_, "index")
+        p.add_argument("--dataset", action="append", default=None, help="keep this task (repeatable)")
+        p.add_argument("--group", default=None, help="keep records whose 'group' field is this")
+        p.add_argument("--metric", default="test_acc", help="metrics key to plot (default test_acc)")
+        if name == "params":
+            p.add_argument(
+                "--x",
+                choices=("trainable_backbone", "tuned_percent"),
+                default="trainable_backbone",
+                help="x axis: trainable backbone parameters, or their percent of the pre-trained backbone",
+            )
+    return top
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m peftbench.plot", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("adapters", help="TINA: neurons per adapter per cycle, accuracy vs parameters")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: the run dir)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
+    inputs, out = args.inputs, args.out
     if args.command == "adapters":
-        for path in adapters(args.run_dir, args.out):
-            print(path)
+        paths = adapters(inputs[0], out)
+    elif args.command == "sensitivity":
+        paths = sensitivity(inputs, out)
+    elif args.command == "cdra":
+        paths = cdra(inputs, out)
+    elif args.command == "heads":
+        paths = heads(inputs[0], out)
+    else:
+        common = {"datasets": args.dataset, "group": args.group, "metric_name": args.metric}
+        if args.command == "params":
+            common["x"] = args.x
+        paths = {"ne": ne, "params": params, "compression": compression}[args.command](inputs[0], out, **common)
+    for path in paths:
+        print(path)
 
 
 if __name__ == "__main__":

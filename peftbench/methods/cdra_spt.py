@@ -37,7 +37,7 @@ from peftbench.backbones import anatomy
 from peftbench.layers.compact_lora import CompactLoRALinear
 from peftbench.layers.sparse import SparseDeltaLinear
 from peftbench.methods.base import State, freeze
-from peftbench.methods.spt_lora import SPTLoRA, top_mask
+from peftbench.methods.spt_lora import SPTLoRA
 from peftbench.scorers.base import matrix_key
 
 BLOCKS = ("00", "01", "10", "11")
@@ -121,23 +121,9 @@ class CDRASPT(SPTLoRA):
     def name(self) -> str:
         return "cdra_spt"
 
-    def sensitive_masks(self, model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """{matrix key: boolean mask shaped like its score} of SPT's global top-tau (same order as SPT.select)."""
-        matrices = [matrix_key(b, t) for b, t in anatomy.iter_linear_targets(model, self.targets)]
-        matrices = [k for k in matrices if k in scores]
-        params = dict(model.named_parameters())
-        vectors = [k for k in scores if k not in matrices and k in params and params[k].ndim == 1]
-        keys = matrices + vectors
-        flat = torch.cat([scores[k].detach().float().flatten().cpu() for k in keys])  # (N,)
-        mask, masks, start = top_mask(flat, self.budget), {}, 0
-        for k in keys:
-            n = scores[k].numel()
-            masks[k], start = mask[start : start + n].view(scores[k].shape), start + n
-        return {k: masks[k] for k in matrices}
-
     def select(self, model: nn.Module, scores: dict[str, torch.Tensor] | None) -> State:
         spt = super().select(model, scores)  # SPT's allocation: Case 2 = spt["structured"], vectors
-        masks = self.sensitive_masks(model, scores)
+        masks = self.sensitive_masks(model, scores)  # SPT's (matrices and vectors; only matrices used here)
         case2 = set(spt["structured"])
         blocks: dict[str, list[dict]] = {}
         sparse: dict[str, list[torch.Tensor]] = {}

@@ -17,7 +17,6 @@ existing sparse layer. Ties in p*_h go to the lower head index.
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import torch

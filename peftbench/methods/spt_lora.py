@@ -98,6 +98,20 @@ class SPT(Method):
         return matrix_key(block, target)
 
     # --- selection ---------------------------------------------------------------------------------
+    def sensitive_masks(self, model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{candidate key: boolean mask shaped like its score} of the global top-``budget`` over every candidate
+        matrix (``targets``, in block order) and 1-D vector the scorer returned."""
+        matrices = [matrix_key(b, t) for b, t in anatomy.iter_linear_targets(model, self.targets)]
+        matrices = [k for k in matrices if k in scores]
+        params = dict(model.named_parameters())
+        keys = matrices + [k for k in scores if k not in matrices and k in params and params[k].ndim == 1]
+        flat = torch.cat([scores[k].detach().float().flatten().cpu() for k in keys])  # (N,) all candidate entries
+        mask, masks, start = top_mask(flat, self.budget), {}, 0
+        for k in keys:
+            n = scores[k].numel()
+            masks[k], start = mask[start : start + n].view(scores[k].shape), start + n
+        return masks
+
     def select(self, model: nn.Module, scores: dict[str, torch.Tensor] | None) -> State:
         if not scores:
             raise ValueError(f"{self.name} needs sensitivity scores: set scorer=sensitivity")
@@ -105,13 +119,7 @@ class SPT(Method):
         matrices = {k: v for k, v in matrices.items() if k in scores}
         params = dict(model.named_parameters())
         vectors = [k for k in scores if k not in matrices and k in params and params[k].ndim == 1]
-        keys = list(matrices) + vectors
-        flat = torch.cat([scores[k].detach().float().flatten().cpu() for k in keys])  # (N,) all candidate entries
-        mask = top_mask(flat, self.budget)
-        masks, start = {}, 0
-        for k in keys:
-            n = scores[k].numel()
-            masks[k], start = mask[start : start + n].view(scores[k].shape), start + n
+        masks = self.sensitive_masks(model, scores)
 
         structured: list[str] = []
         units: dict[str, int] = {}
@@ -145,7 +153,7 @@ class SPT(Method):
             "vectors": tuned_vectors,
             "summary": {
                 "budget": self.budget,
-                "selected": int(mask.sum()),
+                "selected": sum(counts.values()),
                 "structured_matrices": len(structured),
                 "structured_modules": len(units),
                 "structured_params": n_struct,
