@@ -85,3 +85,26 @@ def test_reparameterisable_methods_merge_into_a_plain_timm_model(method):
     plain = unwrap(model)
     assert set(plain.state_dict()) == set(VisionTransformer(**arch).state_dict())
     torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-5)
+
+
+SWIN = {"lora": [], "spt_lora": [], "tina": [], "heart_lora": ["method.ratio=0.25"], "hifi": ["method.ratio=0.25"]}
+
+
+@pytest.mark.parametrize("method", sorted(SWIN))
+def test_swin_b_paper_configuration_forward_backward(method):
+    """Swin-B at 224x224 (random weights), the hierarchical backbone of SPT Table 3, Heart-LoRA Table 4 and TINA:
+    gradients reach exactly the trainable set; per-stage head ratios give Heart-LoRA's {1, 2, 4, 8}."""
+    torch.manual_seed(0)
+    model = build_backbone("swin_b_in22k", num_classes=10, timm_name="swin_base_patch4_window7_224", pretrained=False)
+    x, y = torch.randn(2, 3, 224, 224), torch.tensor([1, 2])
+    cfg = compose_config([f"method={method}", *SWIN[method]] + scorer_override(method))
+    m, scorer = instantiate(cfg.method), instantiate(cfg.scorer) if cfg.get("scorer") else None
+    state = prepare_model(model, m, scorer, lambda: [(x, y)])
+    if method == "heart_lora":
+        assert sorted(set(state["ne"].values())) == [1, 2, 4, 8]
+    if method == "hifi":
+        assert sorted({len(h) for h in state["heads"].values()}) == [1, 2, 4, 8]
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
