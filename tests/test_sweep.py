@@ -92,3 +92,9 @@ def test_launchers_compose():
     assert slurm._target_.endswith("SlurmLauncher") and slurm.gpus_per_node == 1
     local = _compose_with_hydra(["hydra/launcher=local_parallel"]).hydra.launcher
     assert local._target_.endswith("JoblibLauncher") and local.n_jobs == 2
+
+
+def test_group_is_the_wandb_group():
+    cfg = compose_config(["group=heart_lora_ne_s"])
+    assert cfg.logger.group == "heart_lora_ne_s"
+    assert compose_config([]).logger.group is None
