@@ -34,6 +34,7 @@ Choices where the appendix is silent (all in ``conf/method/heart_lora.yaml``):
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -276,12 +277,14 @@ class HeartCallback(L.Callback):
         state = pl_module.method_state
         if state.get("selected") or trainer.current_epoch < self.method.warmup_epochs:
             return
+        start = time.perf_counter()
         self.method.deactivate(pl_module.model, state, pl_module.scoring_batches())
         state["epoch"] = int(trainer.current_epoch)
         if trainer.world_size > 1:
             chosen = trainer.strategy.broadcast({k: state[k] for k in ("scores", "deactivated")}, src=0)
             state.update(chosen)
             apply_mask(pl_module.model, state["deactivated"])
+        pl_module.scoring_seconds += time.perf_counter() - start  # results.json timings: scoring_s, not training_s
         rank_zero_info(
             f"Heart-LoRA: epoch {trainer.current_epoch}: deactivated "
             f"{sum(len(v) for v in state['deactivated'].values())} heads ({self.method.score}, "
