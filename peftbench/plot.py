@@ -20,19 +20,35 @@ drawing). Bad input stops with one line, ``peftbench.plot: <file>: <what is wron
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
+from typing import Any
 
-from peftbench.plots.adapters import adapters, load_cycles, plot_accuracy, plot_neurons, short
-from peftbench.plots.cdra import cdra
-from peftbench.plots.heads import heads
-from peftbench.plots.sensitivity import sensitivity
-from peftbench.plots.sweeps import compression, ne, params
+#: public name -> module of :mod:`peftbench.plots` that defines it; imported on first use, so the index figures
+#: (``ne``, ``params``, ``compression``) start without importing torch
+LAZY = {
+    "adapters": "adapters",
+    "load_cycles": "adapters",
+    "plot_accuracy": "adapters",
+    "plot_neurons": "adapters",
+    "short": "adapters",
+    "sensitivity": "sensitivity",
+    "cdra": "cdra",
+    "heads": "heads",
+    "ne": "sweeps",
+    "params": "sweeps",
+    "compression": "sweeps",
+}
+__all__ = ["main", "parser", *LAZY]
 
-__all__ = [
-    "adapters", "cdra", "compression", "heads", "load_cycles", "main", "ne", "params", "plot_accuracy",
-    "plot_neurons", "sensitivity", "short",
-]  # fmt: skip
+
+def __getattr__(name: str) -> Any:
+    """Module attributes of :data:`LAZY` (``plot.short``, ``plot.heads``, ...), imported when first asked for."""
+    if name not in LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"peftbench.plots.{LAZY[name]}")
+    return getattr(module, name)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,20 +88,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     args = parser().parse_args(argv)
-    inputs, out = args.inputs, args.out
-    if args.command == "adapters":
-        paths = adapters(inputs[0], out)
-    elif args.command == "sensitivity":
-        paths = sensitivity(inputs, out)
-    elif args.command == "cdra":
-        paths = cdra(inputs, out)
-    elif args.command == "heads":
-        paths = heads(inputs[0], out)
+    inputs, out, draw = args.inputs, args.out, __getattr__(args.command)
+    if args.command in ("sensitivity", "cdra"):
+        paths = draw(inputs, out)
+    elif args.command in ("adapters", "heads"):
+        paths = draw(inputs[0], out)
     else:
         common = {"datasets": args.dataset, "group": args.group, "metric_name": args.metric}
         if args.command == "params":
             common["x"] = args.x
-        paths = {"ne": ne, "params": params, "compression": compression}[args.command](inputs[0], out, **common)
+        paths = draw(inputs[0], out, **common)
     for path in paths:
         print(path)
 

@@ -80,8 +80,12 @@ class HiFi(Method):
         views = [b for b in anatomy.blocks(model) if b.attn is not None]
         first = len(views) // 2 if self.strategy == "mid_top" else 0
         heads: dict[str, list[int]] = {}
+        maps: dict[str, dict[str, list[float]]] = {"pagerank": {}, "info": {}}  # for the head maps of a run
         n_params = 0
         for pos, b in enumerate(views):
+            for what, saved in maps.items():
+                if head_key(b, what) in scores:
+                    saved[b.path] = [float(v) for v in scores[head_key(b, what)].flatten()]
             if pos < first:
                 continue
             key = head_key(b, "pagerank")
@@ -90,7 +94,7 @@ class HiFi(Method):
             heads[b.path] = top_heads(scores[key], self.heads_for(b.num_heads))
             n_params += 3 * len(heads[b.path]) * b.head_dim * b.dim
         return {"strategy": self.strategy, "k": self.k, "ratio": self.ratio, "heads": heads,
-                "trainable_backbone": n_params}
+                "trainable_backbone": n_params, "num_heads": max(b.num_heads for b in views), **maps}
 
     def apply(self, model: nn.Module, state: State) -> None:
         freeze(model)
@@ -108,4 +112,7 @@ class HiFi(Method):
             "ratio": state.get("ratio"),
             "heads": {path: list(h) for path, h in state["heads"].items()},
             "trainable_backbone": state["trainable_backbone"],
+            "num_heads": state.get("num_heads"),
+            "pagerank": state.get("pagerank", {}),
+            "info": state.get("info", {}),
         }

@@ -1,0 +1,313 @@
+"""Figures over many runs, read from the results index (``outputs/index.jsonl``, one JSON record per run).
+
+Records kept: ``status == "ok"``, the latest per run (``key``, else ``run_dir``), and with ``--group NAME`` only
+those whose ``group`` is NAME (see :func:`peftbench.plots.common.index_records`). Repeated runs of one point
+(seeds) are averaged; the number of runs behind a point is in the legend or the annotation.
+
+* ``ne``: Heart-LoRA Fig. 8, accuracy against ne (heads deactivated per layer, from the ``method.ne=`` override,
+  else the run's ``selection.ne``), one line per task. ``heart_ne.png``.
+* ``params``: SPT Fig. 3a, accuracy against trainable backbone parameters (log x), one marker per method
+  variant (the method plus its ``method.*`` overrides), accuracy and parameters averaged over the tasks present.
+  ``params.png``.
+* ``compression``: TINA Fig. 3, accuracy against the adapters' compression sigma = (block width) / (hidden
+  neurons) for TINA (``selection.sigma_final``) and plain adapters (``method.sigma=``, else width / ``method.n``),
+  marker area proportional to the trainable parameters, one panel per task. ``compression.png``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftbench.plots.common import (
+    fail,
+    index_records,
+    metric,
+    out_dir,
+    override,
+    parse_float,
+    plt,
+    save,
+)
+
+CONF = Path(__file__).resolve().parent.parent.parent / "conf"
+#: hidden width of ``method=adapter`` when no ``method.n=`` is given (conf/method/adapter.yaml)
+ADAPTER_N = 8
+#: block width by timm model family, when the backbone config has no ``arch.embed_dim``
+WIDTHS = {"tiny": 192, "small": 384, "base": 768, "large": 1024, "huge": 1280}
+
+
+def mean(values: Iterable[float]) -> float:
+    """Arithmetic mean of a non-empty iterable."""
+    values = list(values)
+    return float(sum(values) / len(values))
+
+
+def select(records: list[dict[str, Any]], methods: Iterable[str] | None, datasets: Iterable[str] | None) -> list:
+    """Records of the given methods and datasets (None = all)."""
+    methods, datasets = (set(methods) if methods else None), (set(datasets) if datasets else None)
+    return [
+        r
+        for r in records
+        if (methods is None or r.get("method") in methods) and (datasets is None or r.get("dataset") in datasets)
+    ]
+
+
+# --- Heart-LoRA: accuracy vs ne ---------------------------------------------------------------------------
+def ne_of(record: dict[str, Any]) -> int | None:
+    """Heads deactivated per layer: the ``method.ne=`` override, else the largest ``selection.ne`` value."""
+    value = parse_float(override(record.get("overrides"), "method.ne"))
+    if value is not None:
+        return int(value)
+    per_layer = (record.get("selection") or {}).get("ne") or {}
+    return max((int(v) for v in per_layer.values()), default=None) if isinstance(per_layer, dict) else None
+
+
+def ne_curves(
+    records: list[dict[str, Any]], datasets: Iterable[str] | None = None, metric_name: str = "test_acc"
+) -> dict[str, list[tuple[int, float, int]]]:
+    """{task: [(ne, mean accuracy, runs), ...] sorted by ne} over the ``heart_lora`` records."""
+    points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in select(records, ["heart_lora"], datasets):
+        ne, acc = ne_of(r), metric(r, metric_name)
+        if ne is not None and acc is not None:
+            points[str(r.get("dataset"))][ne].append(acc)
+    return {d: [(ne, mean(a), len(a)) for ne, a in sorted(by.items())] for d, by in sorted(points.items())}
+
+
+def draw_ne(curves: dict[str, list[tuple[int, float, int]]], metric_name: str, out: Path) -> Path:
+    """Write ``heart_ne.png``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task, pts in curves.items():
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=task)
+    ticks = sorted({p[0] for pts in curves.values() for p in pts})
+    ax.set_xticks(ticks)
+    ax.set_xlabel("ne (heads deactivated per layer)")
+    ax.set_ylabel(f"{metric_name} (%)")
+    ax.set_title("Heart-LoRA: accuracy against ne", fontsize=9)
+    ax.legend(fontsize=7, ncol=2 if len(curves) > 6 else 1)
+    fig.tight_layout()
+    return save(fig, out / "heart_ne.png")
+
+
+# --- accuracy vs trainable parameters per method -----------------------------------------------------------
+@dataclass
+class Point:
+    """One method variant averaged over the tasks it ran on."""
+
+    method: str
+    detail: str  # its ``method.*`` overrides, e.g. ``rank=16`` ("" for the method's defaults)
+    params: float  # mean trainable backbone parameters (or percent) over tasks
+    acc: float  # mean over tasks of the per-task mean accuracy
+    tasks: int
+    runs: int
+
+    @property
+    def label(self) -> str:
+        """``lora`` or ``lora (rank=16)``."""
+        return self.method + (f" ({self.detail})" if self.detail else "")
+
+
+def variant(record: dict[str, Any]) -> tuple[str, str]:
+    """(method, its ``method.*`` overrides joined, e.g. ``rank=16, scale=2``): what tells variants apart."""
+    extra = sorted(
+        str(o).lstrip("+").removeprefix("method.")
+        for o in record.get("overrides") or []
+        if str(o).lstrip("+").startswith("method.")
+    )
+    return str(record.get("method")), ", ".join(extra)
+
+
+def params_points(
+    records: list[dict[str, Any]],
+    datasets: Iterable[str] | None = None,
+    metric_name: str = "test_acc",
+    x: str = "trainable_backbone",
+) -> list[Point]:
+    """One :class:`Point` per method variant: per task the mean over its runs, then the mean over tasks.
+
+    ``x``: ``trainable_backbone`` (parameters) or ``tuned_percent`` (of the pre-trained backbone).
+    """
+    by: dict[tuple[str, str], dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for r in select(records, None, datasets):
+        acc, size = metric(r, metric_name), (r.get("params") or {}).get(x)
+        if acc is not None and size is not None:
+            by[variant(r)][str(r.get("dataset"))].append((float(size), acc))
+    points = []
+    for (method, detail), tasks in by.items():
+        per_task = [(mean(s for s, _ in runs), mean(a for _, a in runs)) for runs in tasks.values()]
+        runs = sum(len(v) for v in tasks.values())
+        size, acc = mean(s for s, _ in per_task), mean(a for _, a in per_task)
+        points.append(Point(method, detail, size, acc, len(tasks), runs))
+    return sorted(points, key=lambda p: (p.params, p.label))
+
+
+def draw_params(points: list[Point], metric_name: str, x: str, out: Path) -> Path:
+    """Write ``params.png``: one colour and marker per method, its variants joined by a line and annotated.
+
+    Log x; a variant with 0 parameters sits at the left edge, annotated "0". A point averaged over fewer tasks than
+    the most any point has says how many.
+    """
+    fig, ax = plt.subplots(figsize=(8, 5))
+    positive = [p.params for p in points if p.params > 0]
+    floor = min(positive) / 3 if positive else 1.0
+    most = max(p.tasks for p in points)
+    methods = sorted({p.method for p in points})
+    markers = "osD^v<>pP*Xh"
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    for i, method in enumerate(methods):
+        own = [p for p in points if p.method == method]
+        xs = [p.params if p.params > 0 else floor for p in own]
+        ys = [100 * p.acc for p in own]
+        style = {"color": cmap(i % cmap.N), "marker": markers[i % len(markers)]}
+        ax.plot(xs, ys, "-", lw=0.8, ms=7, label=method, **style)
+        for p, xv, yv in zip(own, xs, ys):
+            note = ("0 params; " if p.params <= 0 else "") + (p.detail if len(own) > 1 else "")
+            note += f" [{p.tasks} task{'s' * (p.tasks != 1)}]" if p.tasks < most else ""
+            if note.strip("; "):
+                ax.annotate(note.strip("; "), (xv, yv), textcoords="offset points", xytext=(5, 3), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable backbone parameters (%)" if x == "tuned_percent" else "trainable backbone parameters")
+    ax.set_ylabel(f"mean {metric_name} over tasks (%)")
+    ax.set_title("accuracy against trainable parameters", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(
+        fontsize=7,
+        loc="center left",
+        bbox_to_anchor=(1.01, 0.5),
+        title=f"mean over up to {most} task{'s' * (most != 1)}",
+    )
+    fig.tight_layout()
+    return save(fig, out / "params.png")
+
+
+# --- TINA vs adapters: accuracy vs compression ------------------------------------------------------------
+def backbone_width(name: str | None) -> int | None:
+    """Block width of a backbone config (``conf/backbone/<name>.yaml``: ``arch.embed_dim`` or the timm family)."""
+    if not name:
+        return None
+    from omegaconf import OmegaConf
+
+    path = CONF / "backbone" / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    cfg = OmegaConf.load(path)
+    width = OmegaConf.select(cfg, "arch.embed_dim")
+    if width:
+        return int(width)
+    timm_name = str(cfg.get("timm_name") or "")
+    return next((w for family, w in WIDTHS.items() if f"_{family}_" in timm_name), None)
+
+
+def sigma_of(record: dict[str, Any]) -> float | None:
+    """Compression sigma of a TINA run (``selection.sigma_final``) or a plain adapter run (see module docs)."""
+    if record.get("method") == "tina":
+        selection = record.get("selection") or {}
+        if selection.get("sigma_final") is not None:
+            return float(selection["sigma_final"])
+        cycles = selection.get("cycles") or []
+        return float(cycles[-1]["sigma"]) if cycles else None
+    sigma = parse_float(override(record.get("overrides"), "method.sigma"))
+    if sigma is not None:
+        return sigma
+    width = backbone_width(record.get("backbone"))
+    n = parse_float(override(record.get("overrides"), "method.n")) or ADAPTER_N
+    return None if width is None else width / n
+
+
+def compression_points(
+    records: list[dict[str, Any]], datasets: Iterable[str] | None = None, metric_name: str = "test_acc"
+) -> dict[str, dict[str, list[tuple[float, float, float, int]]]]:
+    """{task: {method: [(sigma, mean accuracy, mean trainable backbone params, runs), ...] by sigma}}."""
+    by: dict[str, dict[str, dict[float, list[tuple[float, float]]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for r in select(records, ["tina", "adapter"], datasets):
+        sigma, acc = sigma_of(r), metric(r, metric_name)
+        size = (r.get("params") or {}).get("trainable_backbone")
+        if sigma is not None and acc is not None:
+            by[str(r.get("dataset"))][str(r["method"])][round(sigma, 3)].append((acc, float(size or 0)))
+    return {
+        task: {
+            m: [(s, mean(a for a, _ in v), mean(p for _, p in v), len(v)) for s, v in sorted(pts.items())]
+            for m, pts in sorted(methods.items())
+        }
+        for task, methods in sorted(by.items())
+    }
+
+
+def draw_compression(
+    points: dict[str, dict[str, list[tuple[float, float, float, int]]]], metric_name: str, out: Path
+) -> Path:
+    """Write ``compression.png`` (one panel per task; marker area ~ trainable parameters)."""
+    tasks = list(points)
+    biggest = max((p[2] for t in points.values() for m in t.values() for p in m), default=1.0) or 1.0
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    colors = {"tina": "tab:red", "adapter": "tab:blue"}
+    for ax, task in zip(axes[0], tasks):
+        for method, pts in points[task].items():
+            xs, ys = [p[0] for p in pts], [100 * p[1] for p in pts]
+            ax.plot(xs, ys, "-", color=colors.get(method), lw=1)
+            ax.scatter(xs, ys, s=[20 + 400 * p[2] / biggest for p in pts], color=colors.get(method), alpha=0.6)
+            ax.plot([], [], "o-", color=colors.get(method), label="TINA" if method == "tina" else "adapters")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("compression sigma = width / hidden neurons")
+        ax.set_ylabel(f"{metric_name} (%)")
+        ax.set_title(f"{task} (marker area ~ trainable parameters)", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save(fig, out / "compression.png")
+
+
+# --- entry points -----------------------------------------------------------------------------------------
+def ne(
+    index: Path,
+    out: Path | None = None,
+    datasets: list[str] | None = None,
+    group: str | None = None,
+    metric_name: str = "test_acc",
+) -> list[Path]:
+    """Heart-LoRA Fig. 8 from ``index``."""
+    curves = ne_curves(index_records(index, group), datasets, metric_name)
+    if not curves:
+        fail(index, f"no ok heart_lora runs with {metric_name}{where(datasets, group)}; run method=heart_lora first")
+    return [draw_ne(curves, metric_name, out_dir(out, Path(index)))]
+
+
+def params(
+    index: Path,
+    out: Path | None = None,
+    datasets: list[str] | None = None,
+    group: str | None = None,
+    metric_name: str = "test_acc",
+    x: str = "trainable_backbone",
+) -> list[Path]:
+    """SPT Fig. 3a from ``index``."""
+    points = params_points(index_records(index, group), datasets, metric_name, x)
+    if not points:
+        fail(index, f"no ok runs with {metric_name} and params.{x}{where(datasets, group)}")
+    return [draw_params(points, metric_name, x, out_dir(out, Path(index)))]
+
+
+def compression(
+    index: Path,
+    out: Path | None = None,
+    datasets: list[str] | None = None,
+    group: str | None = None,
+    metric_name: str = "test_acc",
+) -> list[Path]:
+    """TINA Fig. 3 from ``index``."""
+    points = compression_points(index_records(index, group), datasets, metric_name)
+    if not points:
+        fail(index, f"no ok tina or adapter runs with {metric_name}{where(datasets, group)}")
+    return [draw_compression(points, metric_name, out_dir(out, Path(index)))]
+
+
+def where(datasets: list[str] | None, group: str | None) -> str:
+    """`` (dataset ..., group ...)`` for error messages."""
+    parts = ([f"dataset in {datasets}"] if datasets else []) + ([f"group {group!r}"] if group else [])
+    return f" ({', '.join(parts)})" if parts else ""
