@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftbench.layers.base import MergeableWrapper
@@ -83,8 +82,7 @@ class CompactLoRALinear(_SparseDelta, MergeableWrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        w = self.sparse_weight() if self.has_sparse else self.base_layer.weight  # (out, in)
-        out = F.linear(x, w, self.base_layer.bias)  # (..., out)
+        out = self.sparse_linear(x) if self.has_sparse else self.base_layer(x)  # (..., out)
         for rows, cols, a, b in self.blocks():
             d = (x.index_select(-1, cols) @ a.T) @ b.T * self.scale  # (..., |K|) -> (..., r) -> (..., |R|)
             out = out.index_add(-1, rows, d.to(out.dtype))
