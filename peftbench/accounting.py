@@ -27,3 +27,15 @@ def parameter_report(model: nn.Module, pretrained_backbone: int) -> dict[str, fl
         "total": sum(p.numel() for p in model.parameters()),
         "tuned_percent": round(100.0 * trainable_backbone / max(1, pretrained_backbone), 4),
     }
+
+
+def paper_fraction(params: dict) -> tuple[float | None, float | None]:
+    """(Tuned / Total in %, trainable parameters in M) as the papers' tables count them: backbone AND head.
+
+    The papers' LINEAR row (0.04% on VTAB-1k: the head alone) shows the head is included; ``tuned_percent`` in
+    results.json is the backbone-only fraction. ``params`` is a results.json ``params`` block.
+    """
+    if params.get("trainable_backbone") is None or not params.get("pretrained_backbone"):
+        return params.get("tuned_percent"), None
+    trainable = params["trainable_backbone"] + params.get("trainable_head", 0)
+    return 100.0 * trainable / params["pretrained_backbone"], trainable / 1e6

@@ -130,7 +130,8 @@ class PEFTModule(L.LightningModule):
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
         per_epoch = max(1, total // max(1, self.trainer.max_epochs))
-        restarts = self.method.schedule_restarts(self.method_state, self.trainer.max_epochs)
+        restarts_of = getattr(self.method, "schedule_restarts", None)  # optional part of the Method interface
+        restarts = restarts_of(self.method_state, self.trainer.max_epochs) if restarts_of else []
         extra = {"restarts": [epoch * per_epoch for epoch in restarts]} if restarts else {}
         scheduler = self.scheduler_factory(optimizer, total_steps=total, steps_per_epoch=per_epoch, **extra)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
