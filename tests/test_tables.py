@@ -343,3 +343,21 @@ def test_command_line_options():
     assert opts["extra"] == ["trainer.max_epochs=5"] and opts["tasks"] == ["cifar100", "dtd"]
     with pytest.raises(SpecError, match="unknown Hydra launcher"):
         cli.parse(["spt_1", "launcher=nope"])
+
+
+def test_a_whole_real_table_regenerates_at_smoke_scale(tmp_path):
+    """CI regenerates a whole paper table (CDRA-SPT Table 4: 4 rows x 7 vtab-mini tasks = 28 runs, sensitivity
+    scoring included) from nothing, through the command a user types."""
+    out = run_cli("peftbench.tables", "cdra_4", "scale=smoke", f"output_dir={tmp_path}", timeout=1500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cells = json.loads((tmp_path / "tables" / "cdra_4" / "smoke" / "cells.json").read_text())
+    assert [r["name"] for r in cells["rows"]] == ["(i) Dynamic rank", "(ii) Fixed Rank-8", "(iii) Fixed Rank-16",
+                                                  "(iv) Fixed Rank-32"]
+    for row in cells["rows"]:
+        for column in ("digits", "texture", "shape", "landcover", "count", "location", "orientation", "mean"):
+            assert row["cells"][column]["status"] == "ok", (row["name"], column)
+    params = [row["cells"]["tuned_percent"]["mean"] for row in cells["rows"][1:]]
+    assert params == sorted(params)  # fixed rank 8 < 16 < 32
+    assert len(read_index(tmp_path / "index.jsonl")) == 28
+    for name in ("table.md", "table.csv", "table.tex"):
+        assert (tmp_path / "tables" / "cdra_4" / "smoke" / name).stat().st_size > 0
