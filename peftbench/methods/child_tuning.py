@@ -27,7 +27,7 @@ from peftbench.layers.base import BaseLayerWrapper
 from peftbench.layers.sparse import SparseDeltaLinear
 from peftbench.methods.base import Method, State, freeze
 from peftbench.methods.spt_lora import top_mask
-from peftbench.scorers.base import matrix_key
+from peftbench.scorers.base import scored_candidates
 
 
 class SparseParams(BaseLayerWrapper):
@@ -143,10 +143,7 @@ class ChildTuningD(Method):
     def select(self, model: nn.Module, scores: dict[str, torch.Tensor] | None) -> State:
         if not scores:
             raise ValueError("child_tuning needs Fisher scores: set scorer=sensitivity")
-        matrices = {matrix_key(b, t): (b, t) for b, t in anatomy.iter_linear_targets(model, self.targets)}
-        matrices = {k: v for k, v in matrices.items() if k in scores}
-        params = dict(model.named_parameters())
-        vectors = [k for k in scores if k not in matrices and k in params and params[k].ndim == 1]
+        matrices, vectors = scored_candidates(model, scores, self.targets)
         vectors = vectors if self.vectors else []
         keys = list(matrices) + vectors
         flat = torch.cat([scores[k].detach().float().flatten().cpu() for k in keys])  # (N,) all candidates

@@ -31,7 +31,7 @@ from peftbench.backbones import anatomy
 from peftbench.layers.lora import LoRALinear
 from peftbench.layers.sparse import SparseDeltaLinear, SparseLoRALinear
 from peftbench.methods.base import Method, State, freeze
-from peftbench.scorers.base import matrix_key
+from peftbench.scorers.base import matrix_key, scored_candidates
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
 
@@ -101,10 +101,8 @@ class SPT(Method):
     def sensitive_masks(self, model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{candidate key: boolean mask shaped like its score} of the global top-``budget`` over every candidate
         matrix (``targets``, in block order) and 1-D vector the scorer returned."""
-        matrices = [matrix_key(b, t) for b, t in anatomy.iter_linear_targets(model, self.targets)]
-        matrices = [k for k in matrices if k in scores]
-        params = dict(model.named_parameters())
-        keys = matrices + [k for k in scores if k not in matrices and k in params and params[k].ndim == 1]
+        matrices, vectors = scored_candidates(model, scores, self.targets)
+        keys = list(matrices) + vectors
         flat = torch.cat([scores[k].detach().float().flatten().cpu() for k in keys])  # (N,) all candidate entries
         mask, masks, start = top_mask(flat, self.budget), {}, 0
         for k in keys:
@@ -115,10 +113,8 @@ class SPT(Method):
     def select(self, model: nn.Module, scores: dict[str, torch.Tensor] | None) -> State:
         if not scores:
             raise ValueError(f"{self.name} needs sensitivity scores: set scorer=sensitivity")
-        matrices = {matrix_key(b, t): (b, t) for b, t in anatomy.iter_linear_targets(model, self.targets)}
-        matrices = {k: v for k, v in matrices.items() if k in scores}
+        matrices, vectors = scored_candidates(model, scores, self.targets)
         params = dict(model.named_parameters())
-        vectors = [k for k in scores if k not in matrices and k in params and params[k].ndim == 1]
         masks = self.sensitive_masks(model, scores)
 
         structured: list[str] = []

@@ -48,6 +48,17 @@ def matrix_key(block: anatomy.BlockView, target: str) -> str:
     return f"{key}:{target}" if block.rows(target) is not None else key
 
 
+def scored_candidates(
+    model: nn.Module, scores: dict[str, torch.Tensor], targets
+) -> tuple[dict[str, tuple[anatomy.BlockView, str]], list[str]]:
+    """The scored candidates: ({matrix key: (block, target)} of ``targets`` in block order, [1-D parameter names])."""
+    matrices = {matrix_key(b, t): (b, t) for b, t in anatomy.iter_linear_targets(model, targets)}
+    matrices = {k: v for k, v in matrices.items() if k in scores}
+    params = dict(model.named_parameters())
+    vectors = [k for k in scores if k not in matrices and k in params and params[k].ndim == 1]
+    return matrices, vectors
+
+
 def split_key(key: str) -> tuple[str, str | None]:
     """``"a.qkv.weight:q"`` -> (``"a.qkv.weight"``, ``"q"``); plain parameter names -> (name, None)."""
     name, _, part = key.partition(":")
