@@ -232,21 +232,19 @@ def run_row(plan, lay, seeds, selection, metric, index_file, group, out_root, ta
     render_only = opts["render_only"]
     errors: dict[str, str] = {}
     latest = latest_by_key(index_file)
-    missing = [r for r in plan.phase1 if latest.get(r.key, {}).get("status") != "ok"]
-    if missing and not render_only:
-        errors.update(
-            run_all(
-                missing,
-                by_values=False,
-                group=group,
-                out_root=out_root,
-                table_dir=table_dir,
-                launcher=opts["launcher"],
-                hydra=opts["hydra"],
-                label=label,
+
+    def launch(runs: list, by_values: bool, what: str) -> None:
+        """Run what is not ``ok`` yet (unless render-only), record sweep errors, refresh ``latest``."""
+        nonlocal latest
+        todo = [r for r in runs if latest.get(r.key, {}).get("status") != "ok"]
+        if todo and not render_only:
+            errors.update(
+                run_all(todo, by_values=by_values, group=group, out_root=out_root, table_dir=table_dir,
+                        launcher=opts["launcher"], hydra=opts["hydra"], label=what)
             )
-        )
-        latest = latest_by_key(index_file)
+            latest = latest_by_key(index_file)
+
+    launch(plan.phase1, False, label)
     has_search = bool(plan.row.search)
     outcomes = {}
     for task in lay.tasks:
@@ -257,21 +255,7 @@ def run_row(plan, lay, seeds, selection, metric, index_file, group, out_root, ta
     if finals:
         for f in finals:
             f.key = composer.key(f.common, f.column, f.sets)
-        todo = [f for f in finals if latest.get(f.key, {}).get("status") != "ok"]
-        if todo and not render_only:
-            errors.update(
-                run_all(
-                    todo,
-                    by_values=True,
-                    group=group,
-                    out_root=out_root,
-                    table_dir=table_dir,
-                    launcher=opts["launcher"],
-                    hydra=opts["hydra"],
-                    label=f"{label} (final, selected on val)",
-                )
-            )
-            latest = latest_by_key(index_file)
+        launch(finals, True, f"{label} (final, selected on val)")
         for o in outcomes.values():
             if o.final is not None:
                 resolve_final(o, latest, metric)
