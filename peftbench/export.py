@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
+from peftbench.compose import config_from_file
 from peftbench.errors import PeftbenchError
 from peftbench.methods.base import unwrap
 
@@ -47,30 +48,68 @@ def save_task(model: nn.Module, method_state: dict, cfg: DictConfig, path: Path)
     return path.stat().st_size
 
 
-def load_task(path: Path, overrides: list[str] | None = None):
+def load_task(path: Path, overrides: list[str] | None = None, search_path: list[str] | None = None):
     """Rebuild the run's module from a task file: pre-trained backbone + method selection + task tensors.
 
-    Returns ``(module, datamodule, cfg)``; the module is prepared (method applied) and holds the task's weights.
+    The file's config is recomposed through ``conf/`` (:func:`peftbench.compose.config_from_file`): nothing in
+    the file chooses code to run. ``overrides`` are plain ``key=value`` settings from the caller (e.g. a data
+    folder on this machine). Returns ``(module, datamodule, cfg)``; the module is prepared (method applied) and
+    holds the task's weights. ``search_path``: the caller's own extra config folders (see
+    :func:`peftbench.compose.config_from_file`). A damaged or foreign file raises one :class:`PeftbenchError` line.
     """
     from peftbench.train import build
 
     path = Path(path)
     if not path.is_file():
         raise PeftbenchError(f"task file {path} does not exist; run training first (it writes {TASK_FILE})")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = OmegaConf.create(payload["config"])
+    payload = read_task(path)
+    cfg = config_from_file(payload["config"], f"task file {path}", search_path or ())
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    _, datamodule, module, _ = build(cfg, method_state=payload["method_state"])
-    module.configure_model()
-    missing = set(payload["params"]) - {n for n, _ in module.model.named_parameters()}
+    try:
+        _, datamodule, module, _ = build(cfg, method_state=payload["method_state"])
+        module.configure_model()
+    except PeftbenchError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a selection that does not fit its method is a damaged file
+        raise PeftbenchError(
+            f"task file {path}: its method state does not fit method {cfg.method.get('_target_')!r} "
+            f"({type(err).__name__}: {err}); the file is damaged or from another peftbench version"
+        ) from err
+    params = dict(module.model.named_parameters())
+    unknown = sorted(set(payload["params"]) - set(params))
+    if unknown:
+        raise PeftbenchError(f"task file {path} does not fit its method: unknown tensors {unknown[:3]}")
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in payload["params"])
     if missing:
-        raise PeftbenchError(f"task file {path} does not fit its method: unknown tensors {sorted(missing)[:3]}")
+        raise PeftbenchError(f"task file {path} lacks trained tensors its method builds: {missing[:3]}")
+    for name, value in payload["params"].items():
+        if not isinstance(value, torch.Tensor) or value.shape != params[name].shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise PeftbenchError(
+                f"task file {path}: tensor {name!r} has shape {shape}, the method built {tuple(params[name].shape)}"
+            )
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise PeftbenchError(f"task file {path}: tensor {name!r} holds NaN or infinite values; the file is damaged")
     with torch.no_grad():
-        params = dict(module.model.named_parameters())
         for name, value in payload["params"].items():
             params[name].copy_(value)
     return module, datamodule, cfg
+
+
+def read_task(path: Path) -> dict:
+    """The task file's payload ``{"params", "method_state", "config"}``, read without running code."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated, not a torch file, or a pickle that needs code
+        raise PeftbenchError(
+            f"task file {path} cannot be read ({type(err).__name__}); it is damaged, truncated or not a task file"
+        ) from None
+    if not isinstance(payload, dict) or not {"params", "method_state", "config"} <= set(payload):
+        raise PeftbenchError(f"task file {path} lacks params / method_state / config; it is not a peftbench task file")
+    if not isinstance(payload["params"], dict):
+        raise PeftbenchError(f"task file {path}: params is not a mapping of tensors; the file is damaged")
+    return payload
 
 
 def export_merged(module, path: Path) -> Path:
@@ -84,27 +123,75 @@ def export_merged(module, path: Path) -> Path:
 
 @torch.no_grad()
 def evaluate(module, datamodule, role: str = "test") -> float:
-    """Top-1 accuracy of ``module`` on ``role`` (eval mode, large batches)."""
+    """Top-1 accuracy of ``module`` on ``role`` (eval mode, large batches); non-finite logits raise."""
     module.eval()
     correct = total = 0
     for images, labels in datamodule._eval_loader(role):
         logits = module(datamodule.normalize(images))
+        if not torch.isfinite(logits).all():
+            raise PeftbenchError(f"the model gives non-finite logits on the {role} split: its weights are damaged")
         correct += int((logits.argmax(-1) == labels).sum())
         total += len(labels)
     return correct / max(1, total)
 
 
+#: --check: the re-evaluated accuracy may differ from results.json by this much when the run did not train in
+#: fp32 on a CPU (bf16 autocast and GPU kernels round differently); fp32 CPU runs must match exactly
+CHECK_TOLERANCE = 0.005
+
+
+def reference_accuracy(run_dir: Path) -> tuple[float, float]:
+    """(test accuracy of the run's final model from results.json, allowed difference) for ``export --check``."""
+    from peftbench.results import RESULTS, read_results
+
+    try:
+        record = read_results(run_dir)
+    except (OSError, ValueError) as err:
+        raise PeftbenchError(f"--check needs {run_dir / RESULTS} to compare with ({type(err).__name__})") from None
+    metrics = record.get("metrics") or {}
+    if record.get("status") != "ok":
+        raise PeftbenchError(f"{run_dir / RESULTS} has status {record.get('status')!r}: nothing to check against")
+    key = "test_acc_last" if record.get("protocol") == "paper" else "test_acc"
+    history = record.get("history") or []
+    if key == "test_acc_last" and (not history or history[-1][0] != record.get("epochs", 0) - 1):
+        raise PeftbenchError(f"{run_dir / RESULTS}: the final epoch was not evaluated (paper_eval_every), so there is "
+                             "no accuracy of the final model to check against")
+    if not isinstance(metrics.get(key), (int, float)):
+        raise PeftbenchError(f"{run_dir / RESULTS} has no metrics.{key} (the final model's test accuracy)")
+    exact = "cpu" in str(record.get("device", "cpu")) and str(record.get("precision", "32-true")).startswith("32")
+    return float(metrics[key]), (0.0 if exact else CHECK_TOLERANCE)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point."""
+    """CLI entry point: ``python -m peftbench.export <run_dir> [--check] [--config-dir DIR] [key=value ...]``."""
     parser = argparse.ArgumentParser(prog="python -m peftbench.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--check", action="store_true", help="re-evaluate the test split from the task file")
+    parser.add_argument("overrides", nargs="*", help="plain key=value settings, e.g. paths.data_dir=/data")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="re-evaluate the test split from the task file and compare with results.json; write the merged "
+        "model only when they agree",
+    )
+    parser.add_argument("--config-dir", action="append", default=[], help="an extra config folder of your own")
     args = parser.parse_args(argv)
+    task_file = args.run_dir / TASK_FILE
     try:
-        module, datamodule, _ = load_task(args.run_dir / TASK_FILE)
-        out = {"task_file": str(args.run_dir / TASK_FILE), "task_file_bytes": (args.run_dir / TASK_FILE).stat().st_size}
+        for ov in args.overrides:
+            key = ov.split("=", 1)[0]
+            if "=" not in ov or any(part.startswith("_") for part in key.lstrip("+").split(".")):
+                raise PeftbenchError(f"override {ov!r}: give plain key=value settings (no _target_ or other _keys_)")
+        module, datamodule, _ = load_task(task_file, args.overrides, args.config_dir)
+        out = {"task_file": str(task_file), "task_file_bytes": task_file.stat().st_size}
         if args.check:
-            out["test_acc_from_task_file"] = evaluate(module, datamodule)
+            expected, tolerance = reference_accuracy(args.run_dir)
+            got = evaluate(module, datamodule)
+            n = len(datamodule.split("test"))
+            out.update(test_acc_from_task_file=got, test_acc_in_results=expected)
+            if abs(got - expected) > max(tolerance, 0.5 / max(1, n)):
+                raise PeftbenchError(
+                    f"--check failed: the task file gives test accuracy {got:.4f}, results.json says {expected:.4f} "
+                    f"(allowed difference {tolerance:g}); merged model not written"
+                )
         if getattr(module.method, "reparameterisable", False):
             out["merged"] = str(export_merged(module, args.run_dir / "merged.safetensors"))
     except PeftbenchError as err:

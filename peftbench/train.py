@@ -19,54 +19,22 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from peftbench.accounting import backbone_size, parameter_report
 from peftbench.callbacks import EvalHistory, LastCheckpoint, MethodStateSaver
-from peftbench.data.base import Task
+from peftbench.compose import CONFIG_DIR, build_task, choices, compose_config, config_key, record_choices  # noqa: F401
 from peftbench.data.datamodule import VisionDataModule
 from peftbench.errors import PeftbenchError, user_error
 from peftbench.export import TASK_FILE, save_task
 from peftbench.loggers import finish
 from peftbench.module import PEFTModule
-from peftbench.results import RESULTS, append_index, latest_by_key, run_key, write_json_atomic
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with ``overrides`` outside a Hydra app (tests, tools).
-
-    The group choices are kept under ``_choices_`` so results can name the options.
-    """
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    picked = {k: v for k, v in cfg.hydra.runtime.choices.items() if v and not k.startswith("hydra")}
-    with open_dict(cfg):
-        del cfg["hydra"]
-        cfg["_choices_"] = picked
-    return cfg
-
-
-def choices(cfg: DictConfig) -> dict[str, str]:
-    """Group -> chosen option (``method`` -> ``lora``), from Hydra when running under it, else from the config."""
-    if HydraConfig.initialized():
-        return {k: v for k, v in HydraConfig.get().runtime.choices.items() if v and not k.startswith("hydra")}
-    return {k: str(v) for k, v in (cfg.get("_choices_") or {}).items()}
+from peftbench.results import RESULTS, append_index, latest_by_key, write_json_atomic
 
 
 def overrides() -> list[str]:
     """The command-line overrides of this run (empty outside Hydra)."""
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def build_task(dataset_cfg: DictConfig) -> Task:
-    """Instantiate the dataset config's task; its ``recipe`` block (epochs, warm-up, lr) is for other groups."""
-    spec = OmegaConf.to_container(dataset_cfg, resolve=True)
-    spec.pop("recipe", None)
-    return instantiate(spec)
 
 
 def build(cfg: DictConfig, method_state: dict | None = None):
@@ -148,6 +116,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "selection": module.method.describe(module.method_state),
         "timings": {"scoring_s": module.scoring_seconds, "training_s": train_seconds, "evaluation_s": eval_seconds},
         "epochs": trainer.current_epoch,
+        "device": str(trainer.strategy.root_device),
+        "precision": str(trainer.precision),
         "global_zero": trainer.is_global_zero,
     }
 
@@ -155,7 +125,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run ``cfg`` and always leave a results.json (``ok`` or ``failed``) plus an index line behind."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    picked = choices(cfg)
+    picked = choices(record_choices(cfg))
     record: dict[str, Any] = {
         "key": config_key(cfg),
         "group": cfg.get("group"),
@@ -186,11 +156,6 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise
     _finish(cfg, run_dir, record)
     return record
-
-
-def config_key(cfg: DictConfig) -> str:
-    """The run key of ``cfg`` (see :func:`peftbench.results.run_key`)."""
-    return run_key(OmegaConf.to_container(cfg, resolve=True))
 
 
 def finished_run(cfg: DictConfig) -> dict[str, Any] | None:

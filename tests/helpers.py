@@ -57,9 +57,12 @@ class DigestCallback(L.Callback):
         )
 
 
+#: the tests' own config groups (dataset=blobs, method=one_block, scorer=counting, table=tiny)
+TEST_CONF = str(Path(__file__).resolve().parent / "conf")
+
 #: overrides for a tiny, fast configuration (random-weight micro ViT, synthetic task, CSV-free)
 TINY = [
-    f"hydra.searchpath=[file://{Path(__file__).resolve().parent / 'conf'}]",
+    f"hydra.searchpath=[file://{TEST_CONF}]",
     "dataset=blobs",
     "backbone=vit_micro",
     "backbone.pretrained=false",

@@ -340,7 +340,29 @@ def _strings(value: Any, where: str) -> list[str]:
             raise SpecError(f"{where}: override '{v}' does not parse ({str(err).splitlines()[0]})") from err
         if ov.is_sweep_override():
             raise SpecError(f"{where}: override '{v}' is a sweep (put searched values under `search:`)")
+        _refuse_code(ov.key_or_group, ov.value(), f"{where}: override '{v}'")
     return list(value)
+
+
+def _refuse_code(key: str, value: Any, where: str) -> None:
+    """A spec file (perhaps someone else's) sets option choices and plain values only: no ``_target_`` or other
+    ``_key_``, no ``hydra.`` settings (a search path could bring configs of its own), no interpolation."""
+    parts = key.lstrip("+~").replace("/", ".").split(".")
+    if parts[0] == "hydra" or any(p.startswith("_") for p in parts):
+        raise SpecError(
+            f"{where}: refused: a table spec sets option choices and plain values only (no _keys_, no hydra.)"
+        )
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if any(str(k).startswith("_") for k in item):
+                raise SpecError(f"{where}: refused: a value may not hold a _target_ or other _key_")
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, str) and "${" in item:
+            raise SpecError(f"{where}: refused: a value may not hold an interpolation")
 
 
 def _row(r: Any, where: str, valid: set[str], bench: str) -> Row:
@@ -357,6 +379,7 @@ def _row(r: Any, where: str, valid: set[str], bench: str) -> Row:
     for k, values in search.items():
         if not isinstance(values, list) or not values:
             raise SpecError(f"{where}: search.{k} must be a non-empty list of values")
+        _refuse_code(str(k), values, f"{where}: search.{k}")
     if search and overrides is None:
         raise SpecError(f"{where}: `search` without `overrides` (a published-only row runs nothing)")
     published = r.get("published") or {}

@@ -1,0 +1,187 @@
+"""One way to compose a run's config, name it, and read a config back from a file safely.
+
+Every entry point (train, score, params, export, bench, tables) composes ``conf/`` through :func:`compose_config`
+(or Hydra's own ``@hydra.main`` for ``python -m peftbench.train``) and names a run by :func:`config_key`.
+
+A config read back from a file (``task.pt``, a resumed or downloaded run) never chooses code to run:
+:func:`config_from_file` recomposes it from its recorded group choices through ``conf/`` and refuses every
+``_target_`` (and every other instantiation key) that ``conf/`` does not put at that place, and every
+interpolation, with one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from peftbench.errors import PeftbenchError
+from peftbench.results import run_key
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+#: keys that make Hydra's ``instantiate`` import or call something
+INSTANTIATE_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
+_OPTION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]*")
+
+
+def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with ``overrides`` outside a Hydra app (tests, tools).
+
+    The group choices are kept under ``_choices_`` so results (and files written from this config) can name
+    the options.
+    """
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    picked = {k: v for k, v in cfg.hydra.runtime.choices.items() if v and not k.startswith("hydra")}
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg["_choices_"] = picked
+    return cfg
+
+
+def choices(cfg: DictConfig) -> dict[str, str]:
+    """Group -> chosen option (``method`` -> ``lora``), from Hydra when running under it, else from the config."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return {k: v for k, v in HydraConfig.get().runtime.choices.items() if v and not k.startswith("hydra")}
+    return {k: str(v) for k, v in (cfg.get("_choices_") or {}).items()}
+
+
+def record_choices(cfg: DictConfig) -> DictConfig:
+    """Store the group choices in ``cfg._choices_`` (in place; not part of the run key) and return ``cfg``."""
+    picked = choices(cfg)
+    with open_dict(cfg):
+        cfg["_choices_"] = picked
+    return cfg
+
+
+def config_key(cfg: DictConfig) -> str:
+    """The run key of ``cfg`` (see :func:`peftbench.results.run_key`)."""
+    return run_key(OmegaConf.to_container(cfg, resolve=True))
+
+
+def build_task(dataset_cfg: DictConfig):  # -> peftbench.data.base.Task
+    """Instantiate the dataset config's task; its ``recipe`` block (epochs, warm-up, lr) is for other groups."""
+    from hydra.utils import instantiate
+
+    spec = OmegaConf.to_container(dataset_cfg, resolve=True)
+    spec.pop("recipe", None)
+    return instantiate(spec)  # safe: composed from conf/ (or checked by config_from_file)
+
+
+# --- configs read back from files ----------------------------------------------------------------------------------
+def _walk(node: Any, path: str = ""):
+    """Yield (dotted path, key, value) for every mapping entry below ``node`` (a plain container)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            yield where, key, value
+            yield from _walk(value, where)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk(value, f"{path}[{i}]")
+
+
+def _lookup(node: Any, path: str) -> Any:
+    """The value at dotted ``path`` (with ``[i]`` list indices) in a plain container, or a sentinel."""
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        if part.startswith("["):
+            i = int(part[1:-1])
+            if not isinstance(node, list) or i >= len(node):
+                return _MISSING
+            node = node[i]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return _MISSING
+    return node
+
+
+_MISSING = object()
+
+
+def _groups() -> set[str]:
+    return {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+
+
+def _check_choices(picked: Any, source: str) -> list[str]:
+    """``group=option`` overrides for recorded choices (known groups, option names without path tricks)."""
+    if not isinstance(picked, dict) or not picked:
+        raise PeftbenchError(
+            f"{source}: no recorded group choices (_choices_); the file is damaged or was written by an older "
+            "peftbench: re-create it by training (or resuming) the run"
+        )
+    groups, out = _groups(), []
+    for group, option in picked.items():
+        option = str(option)
+        if group not in groups:
+            known = ", ".join(sorted(groups))
+            raise PeftbenchError(f"{source}: _choices_.{group}: unknown config group (known: {known})")
+        if not _OPTION.fullmatch(option) or ".." in option:
+            raise PeftbenchError(f"{source}: _choices_.{group}={option!r} is not an option name of conf/{group}/")
+        out.append(f"{group}={option}")
+    return out
+
+
+def config_from_file(stored: str | dict, source: str, search_path: Sequence[str] = ()) -> DictConfig:
+    """Rebuild a run's config from what a file recorded, without letting the file choose code to run.
+
+    ``stored`` is the resolved config a run wrote (YAML text or a mapping) with its group choices under
+    ``_choices_``. The config is recomposed from those choices through ``conf/``; the file's plain values are
+    merged on top. ``search_path``: extra config folders the CALLER trusts (a command-line option, never the
+    file) searched after ``conf/``, for config groups of one's own (e.g. the tests'). Refused with one line naming
+    ``source`` and the key: an interpolation (``${...}``), a choice that is not an option of ``conf/``, and any
+    instantiation key (``_target_``, ``_partial_``, ``_args_``, ...) whose value differs from what ``conf/``
+    composes at that place (or that ``conf/`` does not have there).
+    """
+    if isinstance(stored, str):
+        try:
+            raw = OmegaConf.to_container(OmegaConf.create(stored), resolve=False)
+        except Exception as err:  # noqa: BLE001 - any parse failure is a damaged file
+            raise PeftbenchError(
+                f"{source}: its config is not valid YAML ({type(err).__name__}); the file is damaged"
+            ) from None
+    elif isinstance(stored, dict):
+        raw = stored
+    else:
+        raise PeftbenchError(f"{source}: its config is a {type(stored).__name__}, not a mapping; the file is damaged")
+    if not isinstance(raw, dict):
+        raise PeftbenchError(f"{source}: its config is not a mapping; the file is damaged")
+    for where, key, value in _walk(raw):
+        if not isinstance(key, str):
+            raise PeftbenchError(f"{source}: key {where!r} is not a string; the file is damaged")
+        if isinstance(value, str) and "${" in value:
+            raise PeftbenchError(f"{source}: {where} holds an interpolation ({value[:60]!r}); refused: a file's config "
+                                 "holds plain values only")
+    overrides = _check_choices(raw.get("_choices_"), source)
+    if search_path:
+        overrides.append("hydra.searchpath=[" + ",".join(f"file://{Path(p).resolve()}" for p in search_path) + "]")
+    try:
+        base = compose_config(overrides)
+    except Exception as err:  # noqa: BLE001 - an option that conf/ does not have
+        raise PeftbenchError(f"{source}: its recorded choices do not compose with conf/ ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0]})") from None
+    reference = OmegaConf.to_container(base, resolve=False)
+    for where, key, value in _walk(raw):
+        if key in INSTANTIATE_KEYS and _lookup(reference, where) != value:
+            expected = _lookup(reference, where)
+            expected = "nothing" if expected is _MISSING else repr(expected)
+            raise PeftbenchError(
+                f"{source}: {where} = {value!r} is refused: conf/ puts {expected} there for the recorded choices; "
+                "a file cannot choose code to run (re-create the file with peftbench, or pass the options on the "
+                "command line)"
+            )
+    body = {k: v for k, v in raw.items() if k != "_choices_"}
+    try:
+        with open_dict(base):
+            return OmegaConf.merge(base, OmegaConf.create(body))
+    except Exception as err:  # noqa: BLE001 - a value of the wrong shape for conf/
+        raise PeftbenchError(f"{source}: its config does not fit conf/ ({type(err).__name__}: {err}); the file is "
+                             "damaged or from another peftbench version") from None
