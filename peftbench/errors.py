@@ -5,6 +5,10 @@ class PeftbenchError(RuntimeError):
     """An error caused by the user's input or environment; printed as one line, without a traceback."""
 
 
+class ConfigError(PeftbenchError, ValueError):
+    """A config value out of its domain (a rank, a budget, a batch size...): the message names the key and the fix."""
+
+
 class DataError(PeftbenchError):
     """Missing or malformed data (folder, split file, label, image)."""
 

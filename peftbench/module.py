@@ -107,13 +107,23 @@ class PEFTModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
-        self.val_acc.update(self(images), labels)
+        self.val_acc.update(self.finite_logits(images, "evaluation"), labels)
         self.log("val/acc", self.val_acc, prog_bar=True, on_step=False, on_epoch=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
-        self.test_acc.update(self(images), labels)
+        self.test_acc.update(self.finite_logits(images, "test"), labels)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+
+    def finite_logits(self, images: torch.Tensor, what: str) -> torch.Tensor:
+        """Logits (B, classes) of ``images``; a non-finite logit fails the run (an accuracy of NaNs is no result)."""
+        logits = self(images)
+        if not torch.isfinite(logits).all():
+            raise TrainingDiverged(
+                f"non-finite logits in {what} after epoch {self.current_epoch}: the model diverged "
+                "(lower optimizer.lr or the method's scale)"
+            )
+        return logits
 
     # --- optimisation ------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:

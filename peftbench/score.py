@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from peftbench.errors import PeftbenchError, user_error
+from peftbench.scorers.base import Counted, check_scores
 from peftbench.train import build, compose_config
 
 
@@ -38,7 +39,9 @@ def score(overrides: list[str]) -> dict[str, Any]:
     _, datamodule, module, _ = build(cfg)
     datamodule.setup("fit")
     batches = datamodule.scoring_batches(cfg.scoring.n_samples, cfg.scoring.batch_size)
-    scores = module.scorer(module.model, batches)
+    seen = Counted(batches)
+    scores = module.scorer(module.model, seen)
+    check_scores(scores, seen, module.scorer)
     state = module.method.select(module.model, scores) if getattr(module.method, "needs_scores", False) else None
     summary = module.method.describe(state) if state is not None else {}
     return {"scores": scores, "state": state, "summary": summary, "overrides": list(overrides)}

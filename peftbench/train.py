@@ -25,7 +25,7 @@ from peftbench.accounting import backbone_size, parameter_report
 from peftbench.callbacks import EvalHistory, LastCheckpoint, MethodStateSaver
 from peftbench.compose import CONFIG_DIR, build_task, choices, compose_config, config_key, record_choices  # noqa: F401
 from peftbench.data.datamodule import VisionDataModule
-from peftbench.errors import PeftbenchError, user_error
+from peftbench.errors import ConfigError, PeftbenchError, TrainingDiverged, user_error
 from peftbench.export import TASK_FILE, save_task
 from peftbench.loggers import finish
 from peftbench.module import PEFTModule
@@ -86,9 +86,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
         enable_checkpointing=False, **_trainer_overrides(cfg),
     )
+    if trainer.max_epochs is None or trainer.max_epochs < 1 or trainer.limit_train_batches == 0:
+        raise ConfigError(
+            f"trainer.max_epochs={trainer.max_epochs} (limit_train_batches={trainer.limit_train_batches}): "
+            "a run must train at least one step"
+        )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_seconds = time.perf_counter() - start - module.scoring_seconds
+    check_trained(trainer, module)
     metrics: dict[str, Any] = {}
     if history.history:  # tune: val200 each epoch; paper: test every N epochs
         best_epoch, best = max(history.history, key=lambda h: (h[1], -h[0]))
@@ -120,6 +126,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "precision": str(trainer.precision),
         "global_zero": trainer.is_global_zero,
     }
+
+
+def check_trained(trainer: L.Trainer, module: PEFTModule) -> None:
+    """After fit: at least one optimisation step was taken and every trainable tensor is finite."""
+    if trainer.global_step == 0:
+        raise PeftbenchError("the run took no training step (empty training split or zero epochs): nothing was trained")
+    for name, p in module.model.named_parameters():
+        if p.requires_grad and not torch.isfinite(p).all():
+            raise TrainingDiverged(f"trainable tensor {name} holds NaN or infinite values after training: it diverged "
+                                   "(lower optimizer.lr or the method's scale)")
 
 
 def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -133,3 +133,38 @@ class CrashAfterEpoch(L.Callback):
 
 #: with TINY, for methods that score first: one epoch, a small scoring set
 SCORED_TINY = ["trainer.max_epochs=1", "scoring.n_samples=32", "scoring.batch_size=16"]
+
+
+def train_cli(*args: str) -> tuple[int, str, str]:
+    """``python -m peftbench.train <args>`` in this process: (exit code, stdout, stderr).
+
+    For tests of what the command line does where the process boundary itself is not under test (a fresh
+    interpreter costs seconds per call)."""
+    import contextlib
+    import io
+    import sys
+
+    from peftbench.train import main
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["peftbench.train", *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
+class PoisonFrozenWeight(L.Callback):
+    """After the very last training step, fills a FROZEN weight with NaN: only evaluation can notice."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        last_epoch = trainer.current_epoch == trainer.max_epochs - 1
+        if last_epoch and batch_idx == trainer.num_training_batches - 1:
+            weight = next(p for p in pl_module.model.parameters() if not p.requires_grad and p.ndim == 1)
+            with torch.no_grad():
+                weight.fill_(float("nan"))

@@ -20,6 +20,7 @@ from peftbench.scorers.sensitivity import Sensitivity
 from peftbench.train import compose_config, execute
 from tests.helpers import SCORED_TINY, TINY
 
+DUMMY_BATCH = (None, torch.zeros(1))  # the crafted scorers below read no data; prepare_model wants some
 C = 24  # micro width: q slice 24x24, LoRA-8 on q = 8*(24+24) = 384 params -> alpha=10 threshold 38.4
 
 
@@ -77,7 +78,7 @@ def test_apply_trainable_set_matches_summary_and_step0_is_identity(cls):
     model, x = micro(), torch.randn(2, 3, 16, 16)
     ref = model(x)
     method = cls(budget=91) if cls is SPTLoRA else cls(budget=91, alpha=10.7)  # adapter: 416/10.7 = 38.9 <= 39
-    state = prepare_model(model, method, scorer=lambda m, b: crafted_scores(m), batches=lambda: [])
+    state = prepare_model(model, method, scorer=lambda m, b: crafted_scores(m), batches=lambda: [DUMMY_BATCH])
     report = parameter_report(model, 0)
     assert report["trainable_backbone"] == method.describe(state)["trainable_backbone"]
     torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
@@ -96,7 +97,7 @@ def test_apply_trainable_set_matches_summary_and_step0_is_identity(cls):
 
 def test_spt_lora_merges_into_plain_timm_model():
     model, x = micro(), torch.randn(2, 3, 16, 16)
-    prepare_model(model, SPTLoRA(budget=91), scorer=lambda m, b: crafted_scores(m), batches=lambda: [])
+    prepare_model(model, SPTLoRA(budget=91), scorer=lambda m, b: crafted_scores(m), batches=lambda: [DUMMY_BATCH])
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n or "sparse_delta" in n:

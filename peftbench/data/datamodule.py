@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from peftbench.data.base import SplitArrays, Task
+from peftbench.errors import ConfigError, DataError
 
 NORMALIZE = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -123,9 +124,14 @@ class VisionDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol={protocol!r} is unknown; choose one of {sorted(PROTOCOLS)}")
+            raise ConfigError(f"protocol={protocol!r} is unknown; choose one of {sorted(PROTOCOLS)}")
         if normalize not in NORMALIZE:
-            raise ValueError(f"data.normalize={normalize!r} is unknown; choose one of {sorted(NORMALIZE)}")
+            raise ConfigError(f"data.normalize={normalize!r} is unknown; choose one of {sorted(NORMALIZE)}")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"data.{key}={value!r}: give a positive integer")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers!r}: give an integer >= 0")
         self.task, self.protocol, self.image_size = task, protocol, int(image_size)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.seed = num_workers, seed
@@ -139,9 +145,16 @@ class VisionDataModule(L.LightningDataModule):
         return self.task.num_classes
 
     def split(self, role: str) -> SplitArrays:
-        """The decoded split for ``role`` (loaded once, then kept)."""
+        """The decoded split for ``role`` (loaded once, then kept); an empty split raises DataError."""
         if role not in self.splits:
-            self.splits[role] = self.task.load_role(role, self.image_size)
+            split = self.task.load_role(role, self.image_size)
+            if len(split) == 0:
+                name = self.task.split_names.get(role, role)
+                raise DataError(
+                    f"dataset {self.task.name!r}: split {name!r} ({role} under protocol={self.protocol}) has no "
+                    "images; fix its split file (or choose another protocol)"
+                )
+            self.splits[role] = split
         return self.splits[role]
 
     @property

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.errors import ConfigError
+from peftbench.scorers.base import Counted, check_scores
 
 State = dict[str, Any]
 
@@ -88,8 +90,10 @@ def prepare_model(
         scores = None
         if method.needs_scores or scorer is not None:
             if scorer is None or batches is None:
-                raise ValueError(f"method {method.name!r} needs a scorer: set scorer=<name> (see conf/scorer/)")
-            scores = scorer(model, batches())
+                raise ConfigError(f"method {method.name!r} needs a scorer: set scorer=<name> (see conf/scorer/)")
+            seen = Counted(batches())
+            scores = scorer(model, seen)
+            check_scores(scores, seen, scorer)
         state = method.select(model, scores)
         if broadcast is not None:
             state = broadcast(state)

@@ -10,12 +10,15 @@ slices of timm's fused qkv: ``blocks.3.attn.qkv.weight:q`` (its rows from :meth:
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 
 import torch
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.errors import PeftbenchError
 
 
 class Pristine:
@@ -40,6 +43,39 @@ class Pristine:
         for p, requires_grad, grad in self.params:
             p.requires_grad_(requires_grad)
             p.grad = grad
+
+
+class Counted:
+    """The scoring batches (x, y), counted as the scorer consumes them; refuses to start without a single batch."""
+
+    def __init__(self, batches: Iterable) -> None:
+        it = iter(batches)
+        first = next(it, None)
+        if first is None:
+            raise PeftbenchError(
+                "the scorer gets no data: scoring.n_samples must be >= 1 and the training split non-empty"
+            )
+        self.batches, self.n_batches, self.n_samples = itertools.chain([first], it), 0, 0
+
+    def __iter__(self) -> Iterator:
+        for batch in self.batches:
+            self.n_batches += 1
+            self.n_samples += len(batch[1])
+            yield batch
+
+
+def check_scores(scores: dict, seen: Counted, scorer: object) -> None:
+    """Refuse scores that cannot select anything: non-finite values, or every score zero."""
+    name = type(scorer).__name__
+    tensors = {k: v for k, v in scores.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    for key, value in tensors.items():
+        if not torch.isfinite(value).all():
+            raise PeftbenchError(f"scorer {name} gave non-finite scores for {key!r}: the model or data is broken")
+    if tensors and all(not bool(v.any()) for v in tensors.values()):
+        raise PeftbenchError(
+            f"scorer {name} gave all-zero scores on {seen.n_samples} samples: nothing can be selected "
+            "(no learning signal: check the data, labels and scoring settings)"
+        )
 
 
 def matrix_key(block: anatomy.BlockView, target: str) -> str:
