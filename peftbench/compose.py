@@ -11,6 +11,7 @@ interpolation, with one line naming the file and the key.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,9 @@ from peftbench.errors import PeftbenchError
 from peftbench.results import run_key
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+if not OmegaConf.has_resolver("pid"):  # ${pid:} in run folder names: unique across concurrent processes
+    OmegaConf.register_new_resolver("pid", os.getpid)
 
 #: keys that make Hydra's ``instantiate`` import or call something
 INSTANTIATE_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")

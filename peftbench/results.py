@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,24 @@ def run_key(config: dict[str, Any]) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``: readers never see half a file."""
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace``: readers never see half a file.
+
+    The file gets the permissions of any other output (0666 minus the umask), not mkstemp's private 0600.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False, default=str)
             f.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -44,28 +55,54 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def append_index(index_file: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to the results index, under an exclusive lock (parallel sweeps share it)."""
+    """Append one JSON line to the results index, under an exclusive lock (parallel sweeps share it).
+
+    A line always starts on a line boundary (a fragment left by an earlier failed write is closed first), and a
+    write that fails part-way (disk full, quota) is cut back, so the index never glues two records together.
+    """
     index_file.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, default=str) + "\n"
-    with open(index_file, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    line = (json.dumps(record, default=str) + "\n").encode()
+    fd = os.open(index_file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if end and os.pread(fd, 1, end - 1) != b"\n":
+            line = b"\n" + line  # close a fragment left by an earlier short write
         try:
-            f.write(line)
-            f.flush()
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            written = 0
+            while written < len(line):  # os.write may write part of the line
+                written += os.write(fd, line[written:])
+        except BaseException:
+            os.ftruncate(fd, end)  # cut back a partial write: the index ends where it did
+            raise
+    finally:
+        os.close(fd)  # releases the lock
+
+
+_warned: set[str] = set()
 
 
 def read_index(index_file: Path) -> list[dict[str, Any]]:
-    """All records of the index (a damaged line is skipped, never fatal)."""
+    """All records of the index; damaged lines are skipped, reported once per file on stderr."""
     if not Path(index_file).exists():
         return []
-    records = []
-    for line in Path(index_file).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+    records, bad = [], []
+    for lineno, line in enumerate(Path(index_file).read_bytes().decode("utf-8", "replace").splitlines(), start=1):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad.append(lineno)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(lineno)
+    if bad and str(index_file) not in _warned:
+        _warned.add(str(index_file))
+        print(f"peftbench: warning: {index_file}: skipped {len(bad)} damaged line(s) (line {bad[0]}"
+              f"{' ...' if len(bad) > 1 else ''}); the other records are used", file=sys.stderr)
     return records
 
 

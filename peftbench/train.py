@@ -6,6 +6,7 @@ Every run writes ``<run_dir>/results.json`` (status ``ok`` or ``failed``) and ap
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from peftbench.accounting import backbone_size, parameter_report
 from peftbench.callbacks import EvalHistory, LastCheckpoint, MethodStateSaver
@@ -27,6 +28,7 @@ from peftbench.compose import CONFIG_DIR, build_task, choices, compose_config, c
 from peftbench.data.datamodule import VisionDataModule
 from peftbench.errors import ConfigError, PeftbenchError, TrainingDiverged, user_error
 from peftbench.export import TASK_FILE, save_task
+from peftbench.guard import CHECKPOINT, Interrupted, claim, signals_ignored, signals_raise
 from peftbench.loggers import finish
 from peftbench.module import PEFTModule
 from peftbench.results import RESULTS, append_index, latest_by_key, write_json_atomic
@@ -59,6 +61,17 @@ def build(cfg: DictConfig, method_state: dict | None = None):
     return task, datamodule, module, pretrained_backbone
 
 
+def _load_plain(path: Path, what: str = "", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``; an unreadable file raises one line naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - truncated, empty, text, or a pickle that needs code
+        raise PeftbenchError(
+            f"{what}{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120]}); it is damaged "
+            "or truncated: delete it to start that run again"
+        ) from None
+
+
 def _trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
     if cfg.protocol == "paper":
         return {"check_val_every_n_epoch": int(cfg.paper_eval_every)}
@@ -67,15 +80,23 @@ def _trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
     return {}
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train and evaluate one configuration; return the results record (metrics, parameters, timings)."""
+def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any]:
+    """Train and evaluate one configuration; return the results record (metrics, parameters, timings).
+
+    With ``cfg.resume`` the run continues from ``checkpoints/last.ckpt`` with the saved selection; a run interrupted
+    before its first checkpoint (``resuming``: the folder holds its record) starts again from its selection.
+    """
     ckpt_path, method_state = None, None
     if cfg.resume:
-        ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+        ckpt_path = run_dir / CHECKPOINT
         if not ckpt_path.exists():
-            raise PeftbenchError(f"resume=true but {ckpt_path} does not exist; pass run_dir=<the interrupted run>")
+            if not resuming:
+                raise PeftbenchError(f"resume=true but {ckpt_path} does not exist; pass run_dir=<the interrupted run>")
+            ckpt_path = None  # interrupted before the first epoch ended: train from the start
         state_file = run_dir / "method_state.pt"
-        method_state = torch.load(state_file, weights_only=True) if state_file.exists() else None
+        method_state = _load_plain(state_file, "resume: ") if state_file.exists() else None
+        if ckpt_path is not None:
+            _load_plain(ckpt_path, "resume: ", mmap=True)  # a truncated checkpoint fails here, in one line
     task, datamodule, module, pretrained_backbone = build(cfg, method_state)
     history = EvalHistory()
     callbacks = [LastCheckpoint(run_dir / "checkpoints"), MethodStateSaver(run_dir / "method_state.pt"), history]
@@ -138,40 +159,65 @@ def check_trained(trainer: L.Trainer, module: PEFTModule) -> None:
                                    "(lower optimizer.lr or the method's scale)")
 
 
+def _rank_zero() -> bool:
+    """Whether this process is global rank 0 (DDP children see LOCAL_RANK / NODE_RANK > 0)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
 def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run ``cfg`` and always leave a results.json (``ok`` or ``failed``) plus an index line behind."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    picked = choices(record_choices(cfg))
-    record: dict[str, Any] = {
-        "key": config_key(cfg),
-        "group": cfg.get("group"),
-        "run_dir": str(run_dir.resolve()),
-        "method": picked.get("method", OmegaConf.select(cfg, "method._target_")),
-        "dataset": picked.get("dataset", OmegaConf.select(cfg, "dataset.name")),
-        "backbone": OmegaConf.select(cfg, "backbone.name"),
-        "scorer": picked.get("scorer"),
-        "seed": cfg.seed,
-        "protocol": cfg.protocol,
-        "protocol_label": "max test accuracy over epochs (papers' habit)" if cfg.protocol == "paper" else cfg.protocol,
-        "overrides": overrides(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    try:
-        outcome = run(cfg, run_dir)
-        if not outcome.pop("global_zero"):
-            return outcome  # under DDP only rank 0 reports
-        record.update(outcome, status="ok")
-    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every failure is recorded
-        if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+    """Run ``cfg`` in ``run_dir`` and always leave a results.json plus an index line behind.
+
+    The folder is claimed first (:func:`peftbench.guard.claim`): one process at a time, never over a finished run.
+    results.json says ``running`` from the start (with the key and overrides), then ``ok``, ``failed`` or
+    ``interrupted`` (SIGTERM / SIGINT: :class:`~peftbench.guard.Interrupted` is re-raised for the exit code).
+    A resume of a finished run returns its record without running anything.
+    """
+    record_choices(cfg)
+    key = config_key(cfg)
+    picked = choices(cfg)
+    rank0 = _rank_zero()
+    with claim(run_dir, key, bool(cfg.resume)) if rank0 else contextlib.nullcontext(None) as previous:
+        if previous is not None and previous.get("status") == "ok":  # resume of a finished run: nothing to do
+            return previous
+        record: dict[str, Any] = {
+            "key": key,
+            "group": cfg.get("group"),
+            "run_dir": str(run_dir.resolve()),
+            "method": picked.get("method", OmegaConf.select(cfg, "method._target_")),
+            "dataset": picked.get("dataset", OmegaConf.select(cfg, "dataset.name")),
+            "backbone": OmegaConf.select(cfg, "backbone.name"),
+            "scorer": picked.get("scorer"),
+            "seed": cfg.seed,
+            "protocol": cfg.protocol,
+            "protocol_label": "max test accuracy over epochs (papers' habit)" if cfg.protocol == "paper"
+            else cfg.protocol,
+            "overrides": overrides(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        if rank0:
+            write_json_atomic(run_dir / RESULTS, {**record, "status": "running", "pid": os.getpid()})
+        try:
+            with signals_raise():
+                outcome = run(cfg, run_dir, resuming=previous is not None)
+            if not outcome.pop("global_zero"):
+                return outcome  # under DDP only rank 0 reports
+            record.update(outcome, status="ok")
+        except Interrupted as sig:
+            if rank0:
+                record.update(status="interrupted", error=f"interrupted by {sig}", signal=str(sig))
+                _finish(cfg, run_dir, record)
             raise
-        cause = user_error(err)
-        record.update(status="failed", error=f"{type(cause or err).__name__}: {cause or err}")
-        if cause is None:
-            record["traceback"] = traceback.format_exc()
+        except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every failure is recorded
+            if not rank0:
+                raise
+            cause = user_error(err)
+            record.update(status="failed", error=f"{type(cause or err).__name__}: {cause or err}")
+            if cause is None:
+                record["traceback"] = traceback.format_exc()
+            _finish(cfg, run_dir, record)
+            raise
         _finish(cfg, run_dir, record)
-        raise
-    _finish(cfg, run_dir, record)
-    return record
+        return record
 
 
 def finished_run(cfg: DictConfig) -> dict[str, Any] | None:
@@ -181,9 +227,11 @@ def finished_run(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def _finish(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
+    """Write the final record to results.json and the index (signals held off while writing)."""
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    write_json_atomic(run_dir / RESULTS, record)
-    append_index(Path(cfg.paths.index_file), {k: v for k, v in record.items() if k not in ("history", "traceback")})
+    with signals_ignored():
+        write_json_atomic(run_dir / RESULTS, record)
+        append_index(Path(cfg.paths.index_file), {k: v for k, v in record.items() if k not in ("history", "traceback")})
 
 
 def summary(record: dict[str, Any]) -> str:
@@ -216,8 +264,17 @@ def main(cfg: DictConfig) -> None:
         print(f"peftbench: skipped (already ok: {done['run_dir']}) {' '.join(overrides())}")
         return
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)  # the real folder (in a multirun: the sweep's job folder)
     try:
         record = execute(cfg, run_dir)
+    except Interrupted as sig:  # recorded by execute; a sweep stops too
+        print(
+            f"peftbench: interrupted by {sig}: {run_dir / RESULTS} says 'interrupted'; continue with the same "
+            f"overrides plus resume=true run_dir={run_dir}",
+            file=sys.stderr,
+        )
+        sys.exit(sig.exit_code)
     except Exception as err:
         cause = user_error(err)
         if sweeping:  # recorded by execute; the other runs of the sweep go on

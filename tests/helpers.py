@@ -168,3 +168,16 @@ class PoisonFrozenWeight(L.Callback):
             weight = next(p for p in pl_module.model.parameters() if not p.requires_grad and p.ndim == 1)
             with torch.no_grad():
                 weight.fill_(float("nan"))
+
+
+class SignalAtEpoch(L.Callback):
+    """Sends ``signum`` to this very process at the end of training epoch ``epoch`` (after its checkpoint)."""
+
+    def __init__(self, epoch: int, signum: int = 15) -> None:
+        self.epoch, self.signum = epoch, signum
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import os
+
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), self.signum)

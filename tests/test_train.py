@@ -77,7 +77,7 @@ def test_resume_matches_uninterrupted_and_reuses_selection(tmp_path):
     assert failed["status"] == "failed" and "simulated crash" in failed["error"]
     assert marker.read_text().count("scored") == 2
 
-    resumed, _ = run(tmp_path, *common, "resume=true", name="resumed")
+    resumed, _ = run(tmp_path, *common, *crash, "resume=true", name="resumed")  # the same overrides; epoch 1 is past
     assert marker.read_text().count("scored") == 2  # the selection was restored, not recomputed
     assert resumed["selection"] == straight["selection"]
     assert resumed["history"] == straight["history"]
@@ -89,7 +89,7 @@ def test_resume_matches_uninterrupted_and_reuses_selection(tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(PeftbenchError, match="last.ckpt does not exist"):
+    with pytest.raises(PeftbenchError, match="holds no run"):
         run(tmp_path, "resume=true", name="never-ran")
 
 

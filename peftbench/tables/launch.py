@@ -101,7 +101,7 @@ def run_all(
     errors: dict[str, str] = {}
     for n, (args, members) in enumerate(sweeps(runs, by_values)):
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = f"{stamp}-{slug(members[0].row)}-{members[0].protocol}-{n}"
+        name = f"{stamp}-{os.getpid()}-{slug(members[0].row)}-{members[0].protocol}-{n}"
         log_file = table_dir / "logs" / f"{name}.log"
         start = time.perf_counter()
         print(f"peftbench.tables: {label}: {len(members)} run(s), protocol {members[0].protocol} ...", flush=True)
