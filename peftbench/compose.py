@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from peftbench.errors import PeftbenchError
 from peftbench.results import run_key
@@ -39,9 +39,15 @@ def compose_config(overrides: list[str], config_name: str = "train") -> DictConf
     the options.
     """
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    running = GlobalHydra.instance().hydra  # inside a Hydra app (python -m peftbench.train): step aside, then back
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().hydra = running
     picked = {k: v for k, v in cfg.hydra.runtime.choices.items() if v and not k.startswith("hydra")}
     with open_dict(cfg):
         del cfg["hydra"]
@@ -71,13 +77,33 @@ def config_key(cfg: DictConfig) -> str:
     return run_key(OmegaConf.to_container(cfg, resolve=True))
 
 
-def build_task(dataset_cfg: DictConfig):  # -> peftbench.data.base.Task
-    """Instantiate the dataset config's task; its ``recipe`` block (epochs, warm-up, lr) is for other groups."""
+def instantiate_group(node: Any, group: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(node, **kwargs)`` for config group ``group``; a constructor's ValueError or
+    TypeError (a value out of its domain, an unknown key) becomes one :class:`ConfigError` line naming the group.
+
+    ``node`` must come from ``conf/`` (composed, or checked by :func:`config_from_file`).
+    """
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    from peftbench.errors import ConfigError
+
+    try:
+        return instantiate(node, **kwargs)  # safe: composed from conf/ (or checked by config_from_file)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, PeftbenchError):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ConfigError(f"{group}: {cause}") from None
+        raise
+
+
+def build_task(dataset_cfg: DictConfig):  # -> peftbench.data.base.Task
+    """Instantiate the dataset config's task; its ``recipe`` block (epochs, warm-up, lr) is for other groups."""
     spec = OmegaConf.to_container(dataset_cfg, resolve=True)
     spec.pop("recipe", None)
-    return instantiate(spec)  # safe: composed from conf/ (or checked by config_from_file)
+    return instantiate_group(spec, "dataset")
 
 
 # --- configs read back from files ----------------------------------------------------------------------------------
@@ -189,3 +215,68 @@ def config_from_file(stored: str | dict, source: str, search_path: Sequence[str]
     except Exception as err:  # noqa: BLE001 - a value of the wrong shape for conf/
         raise PeftbenchError(f"{source}: its config does not fit conf/ ({type(err).__name__}: {err}); the file is "
                              "damaged or from another peftbench version") from None
+
+
+# --- command-line values of the wrong type ------------------------------------------------------------------------
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
+#: keys whose conf/ value is one of several accepted types (Lightning: devices=1 or "auto" or [0, 1])
+_ANY_TYPE = ("trainer.devices",)
+
+
+def check_value_types(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuse a ``key=value`` override whose value has another type than the one ``conf/`` gives that key.
+
+    ``optimizer.lr=fast`` or ``seed=abc`` would otherwise surface as a traceback deep inside torch or Lightning.
+    The reference is the config composed from the same group choices without value overrides; keys ``conf/``
+    leaves null or that hold strings, lists or mappings accept any value of that kind (their owners check them).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = [o for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_delete()]
+    groups = _groups()
+
+    def is_choice(o) -> bool:
+        key = o.key_or_group.lstrip("+~")
+        return "." not in key and (key in groups or "/" in key)
+
+    values = [o for o in parsed if not is_choice(o) and not o.key_or_group.lstrip("+~").startswith("hydra")]
+    if not values:
+        return
+    choices_only = [f"{g}={o}" for g, o in choices(cfg).items()] + _search_path_overrides(overrides)
+    try:
+        reference = OmegaConf.to_container(compose_config(choices_only), resolve=True)
+    except Exception:  # noqa: BLE001 - the real composition succeeded; without a reference there is nothing to check
+        return
+    for o in values:
+        key = o.key_or_group.lstrip("+")
+        if key in _ANY_TYPE:
+            continue
+        expected = _lookup(reference, key)
+        got = OmegaConf.select(cfg, key, default=None)
+        if expected is _MISSING or expected is None or got is None:
+            continue
+        kind = type(expected)
+        if kind is bool and not isinstance(got, bool):
+            raise _type_error(key, got, bool)
+        if kind is int and (isinstance(got, bool) or not isinstance(got, int)):
+            raise _type_error(key, got, int)
+        if kind is float and (isinstance(got, bool) or not isinstance(got, (int, float))):
+            raise _type_error(key, got, float)
+        if kind in (list, dict) and not isinstance(OmegaConf.select(cfg, key), (list, dict, DictConfig, ListConfig)):
+            raise PeftbenchError(f"{key}={got!r}: expected a {'list' if kind is list else 'mapping'}")
+
+
+def _search_path_overrides(overrides: Sequence[str]) -> list[str]:
+    """The ``hydra.searchpath`` override of this run (Hydra keeps it apart from the task's overrides)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    found = [o for o in overrides if o.lstrip("+").startswith("hydra.searchpath")]
+    if HydraConfig.initialized():
+        found += [o for o in HydraConfig.get().overrides.hydra if o.lstrip("+").startswith("hydra.searchpath")]
+    return found[-1:]
+
+
+def _type_error(key: str, got: Any, kind: type) -> PeftbenchError:
+    from peftbench.errors import ConfigError
+
+    return ConfigError(f"{key}={got!r}: expected {_TYPE_NAMES[kind]} (see `python -m peftbench.train --cfg job`)")

@@ -19,12 +19,20 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from peftbench.accounting import backbone_size, parameter_report
 from peftbench.callbacks import EvalHistory, LastCheckpoint, MethodStateSaver
-from peftbench.compose import CONFIG_DIR, build_task, choices, compose_config, config_key, record_choices  # noqa: F401
+from peftbench.compose import (  # noqa: F401 - compose_config: tests import it from here until they move
+    CONFIG_DIR,
+    build_task,
+    check_value_types,
+    choices,
+    compose_config,
+    config_key,
+    instantiate_group,
+    record_choices,
+)
 from peftbench.data.datamodule import VisionDataModule
 from peftbench.errors import ConfigError, PeftbenchError, TrainingDiverged, user_error
 from peftbench.export import TASK_FILE, save_task
@@ -39,20 +47,61 @@ def overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def check_run_values(cfg: DictConfig) -> None:
+    """One line for run-level values out of their domain (the groups' constructors check their own)."""
+    checks = [
+        ("seed", isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), "an integer"),
+        ("label_smoothing", isinstance(cfg.label_smoothing, (int, float)) and 0 <= cfg.label_smoothing < 1,
+         "a number in [0, 1)"),
+        ("paper_eval_every", isinstance(cfg.paper_eval_every, int) and cfg.paper_eval_every >= 1, "an integer >= 1"),
+        ("scoring.n_samples", isinstance(cfg.scoring.n_samples, int) and cfg.scoring.n_samples >= 0,
+         "an integer >= 0"),
+        ("scoring.batch_size", isinstance(cfg.scoring.batch_size, int) and cfg.scoring.batch_size >= 1,
+         "an integer >= 1"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected {expected}")
+    image, built = cfg.data.get("image_size"), cfg.backbone.get("image_size")
+    if built is not None and image != built:
+        raise ConfigError(
+            f"data.image_size={image} but the backbone is built for {built}: set backbone.image_size instead "
+            "(data.image_size follows it)"
+        )
+
+
+def check_factories(optimizer: Any, scheduler: Any) -> None:
+    """Build the optimizer and schedule once on a dummy parameter: a bad lr / weight decay / warm-up is one
+    :class:`ConfigError` line now, not a traceback from inside ``trainer.fit``."""
+    try:
+        opt = optimizer(params=[{"params": [torch.nn.Parameter(torch.zeros(1))]}])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"optimizer: {err}") from None
+    if scheduler is not None:
+        try:
+            scheduler(opt, total_steps=10, steps_per_epoch=1)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"scheduler: {err}") from None
+
+
 def build(cfg: DictConfig, method_state: dict | None = None):
     """Instantiate task, data module, backbone, method, scorer and the Lightning module from ``cfg`` (seeded)."""
+    check_run_values(cfg)
     L.seed_everything(cfg.seed, workers=True)
     task = build_task(cfg.dataset)
     datamodule = VisionDataModule(task, protocol=cfg.protocol, seed=cfg.seed, **cfg.data)
-    model = instantiate(cfg.backbone, num_classes=task.num_classes)
+    model = instantiate_group(cfg.backbone, "backbone", num_classes=task.num_classes)
     pretrained_backbone = backbone_size(model)
+    optimizer = instantiate_group(cfg.optimizer, "optimizer")
+    scheduler = instantiate_group(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
+    check_factories(optimizer, scheduler)
     module = PEFTModule(
         model=model,
-        method=instantiate(cfg.method),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        method=instantiate_group(cfg.method, "method"),
+        optimizer=optimizer,
+        scheduler=scheduler,
         num_classes=task.num_classes,
-        scorer=instantiate(cfg.scorer) if cfg.get("scorer") else None,
+        scorer=instantiate_group(cfg.scorer, "scorer") if cfg.get("scorer") else None,
         scoring=OmegaConf.to_container(cfg.scoring),
         method_state=method_state,
         label_smoothing=cfg.label_smoothing,
@@ -86,6 +135,7 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
     With ``cfg.resume`` the run continues from ``checkpoints/last.ckpt`` with the saved selection; a run interrupted
     before its first checkpoint (``resuming``: the folder holds its record) starts again from its selection.
     """
+    check_value_types(cfg, overrides())
     ckpt_path, method_state = None, None
     if cfg.resume:
         ckpt_path = run_dir / CHECKPOINT
@@ -101,10 +151,10 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
     history = EvalHistory()
     callbacks = [LastCheckpoint(run_dir / "checkpoints"), MethodStateSaver(run_dir / "method_state.pt"), history]
     callbacks += module.method.callbacks()
-    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    logger = instantiate(cfg.logger, save_dir=run_dir, name=run_dir.name)
-    trainer = instantiate(
-        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
+    callbacks += [instantiate_group(c, "callbacks") for c in (cfg.get("callbacks") or {}).values()]
+    logger = instantiate_group(cfg.logger, "logger", save_dir=run_dir, name=run_dir.name)
+    trainer = instantiate_group(
+        cfg.trainer, "trainer", logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
         enable_checkpointing=False, **_trainer_overrides(cfg),
     )
     if trainer.max_epochs is None or trainer.max_epochs < 1 or trainer.limit_train_batches == 0:

@@ -18,7 +18,7 @@ from torch import nn
 
 from peftbench.backbones import anatomy
 from peftbench.backbones.checkpoint import load_checkpoint
-from peftbench.errors import WeightsError
+from peftbench.errors import WeightsError, check_range
 
 
 def build_backbone(
@@ -48,6 +48,8 @@ def build_backbone(
         image_size: input resolution the model is built for.
         drop_path_rate: stochastic depth rate.
     """
+    check_range("backbone.drop_path_rate", drop_path_rate, 0.0, 1.0, high_open=True)
+    check_range("backbone.image_size", image_size, 1, integer=True)
     if timm_name is None and arch is None:
         raise WeightsError(f"backbone {name!r}: set either timm_name or arch in conf/backbone/{name}.yaml")
     kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, **timm_kwargs)

@@ -10,9 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import ClassVar
 
 import torch
+
+from peftbench.errors import DataError
+
+
+def check_relative(relative: str, where: str) -> str:
+    """An image path from a split file, which must stay inside the dataset folder: an absolute path or one with a
+    ``..`` part raises one DataError line naming ``where`` (the split file and line). Returns ``relative``."""
+    parts = PurePosixPath(relative.replace("\\", "/")).parts
+    absolute = PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).is_absolute()
+    if not relative or absolute or ".." in parts:
+        raise DataError(f"{where}: image path {relative!r} leaves the dataset folder; give a path inside it")
+    return relative
+
 
 #: Roles a protocol asks for -> default split names (VTAB-1k naming). Tasks override ``split_names``.
 ROLES = ("train", "val", "trainval", "test")

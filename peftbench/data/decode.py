@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,7 +82,13 @@ class ImageTransform:
         return int(self.resize * width / height), self.resize
 
     def apply(self, img: Image.Image) -> np.ndarray:
-        """RGB-convert, resize and crop one PIL image; returns a contiguous uint8 (3, H, W) array."""
+        """RGB-convert, resize and crop one PIL image; returns a contiguous uint8 (3, H, W) array.
+
+        16-bit grayscale images (PIL modes ``I;16*`` and ``I``) are scaled to 8 bits (v / 257), not clipped.
+        """
+        if img.mode.startswith("I;16") or img.mode == "I":
+            wide = np.asarray(img, dtype=np.float64)  # (H, W) 0..65535
+            img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
         img = img.convert("RGB")
         size = self._target_size(*img.size)
         if img.size != size:
@@ -146,6 +153,8 @@ def _files_fingerprint(paths: Sequence[Path]) -> str:
             st = os.stat(p)
         except FileNotFoundError:
             raise DataError(f"image {p} not found: check the split file or paths.data_dir") from None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block forever, a device or folder is no image
+            raise DataError(f"image {p} is not a regular file: replace it with the image or fix the split file")
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torchvision.transforms import v2
 
-from peftbench.data.base import SplitArrays, Task
+from peftbench.data.base import SplitArrays, Task, check_relative
 from peftbench.data.decode import ImageTransform, decode_files, file_sha256, resolve_cache_root
 from peftbench.errors import DataError
 
@@ -80,11 +80,17 @@ class FGVCTask(Task):
                         f"FGVC split file {path} not found: download VPT's FGVC splits or fix paths.data_dir"
                     )
                 try:
-                    data = json.loads(path.read_text())
-                except json.JSONDecodeError as err:
-                    raise DataError(f"FGVC split file {path} is not valid json ({err})") from None
+                    data = json.loads(path.read_bytes().decode("utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    raise DataError(f"FGVC split file {path} is not valid UTF-8 json ({err})") from None
                 if not isinstance(data, dict):
                     raise DataError(f"FGVC split file {path}: expected an object {{image path: class id}}")
+                for rel, cid in data.items():
+                    check_relative(rel, f"FGVC split file {path}")
+                    if isinstance(cid, bool) or not isinstance(cid, int):
+                        raise DataError(
+                            f"FGVC split file {path}: class id of {rel!r} is {cid!r}; class ids are integers"
+                        )
                 annotations[split] = data
             ids = {v for data in annotations.values() for v in data.values()}
             try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftbench.data.base import SplitArrays, Task
+from peftbench.data.base import SplitArrays, Task, check_relative
 from peftbench.data.decode import ImageTransform, decode_files, file_sha256, resolve_cache_root
 from peftbench.errors import DataError
 
@@ -78,7 +78,14 @@ def read_list_file(path: Path, num_classes: int, kind: str = "VTAB split file") 
     if not path.is_file():
         raise DataError(f"{kind} {path} not found: prepare the data with scripts/prepare_vtab.py or fix paths.data_dir")
     rels, labels = [], []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"{kind} {path} line {lineno}: not UTF-8 (byte {raw[err.start:err.start + 1]!r} at column "
+                f"{err.start + 1}); save the file as UTF-8"
+            ) from None
         if not line.strip():
             continue
         parts = line.strip().rsplit(maxsplit=1)
@@ -86,6 +93,7 @@ def read_list_file(path: Path, num_classes: int, kind: str = "VTAB split file") 
             rel, label = parts[0], int(parts[1])
         except (IndexError, ValueError):
             raise DataError(f"{kind} {path} line {lineno}: expected '<image path> <int label>', got {line!r}") from None
+        check_relative(rel, f"{kind} {path} line {lineno}")
         if not 0 <= label < num_classes:
             raise DataError(
                 f"{kind} {path} line {lineno}: label {label} outside [0, {num_classes}): fix the file or num_classes"

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from peftbench.errors import check_range
 from peftbench.layers.base import MergeableWrapper
 
 
@@ -37,8 +38,7 @@ class LoRALinear(MergeableWrapper):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        check_range("dropout", dropout, 0.0, 1.0, high_open=True)
         self.base_layer = base_layer
         self.rank, self.scale = rank, float(scale)
         n_in, n_out = base_layer.in_features, base_layer.out_features
@@ -50,6 +50,8 @@ class LoRALinear(MergeableWrapper):
                 raise ValueError(f"LoRA row groups must have equal sizes, got {sorted(sizes)}")
             groups, out_g = len(row_groups), sizes.pop()
             rows = torch.cat([g.long() for g in row_groups])  # (groups*out_g,)
+        # a rank above min(in, out) adds parameters but no expressiveness (and rank 1e5 would allocate gigabytes)
+        check_range("rank", rank, 1, min(n_in, out_g), integer=True)
         self.register_buffer("lora_rows", rows, persistent=rows is not None)
         dev, dtype = base_layer.weight.device, base_layer.weight.dtype
         self.lora_A = nn.Parameter(torch.empty(groups, rank, n_in, device=dev, dtype=dtype))  # (G, r, in)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.errors import check_range
 from peftbench.layers.adapter import Bottleneck, SequentialAdapter
 from peftbench.methods.base import Method, State, freeze
 
@@ -46,6 +47,8 @@ class Adapter(Method):
             raise ValueError(f"unknown adapter placement {placement!r}; choose from {sorted(PLACEMENTS)}")
         if sigma is not None and sigma <= 0:
             raise ValueError(f"adapter compression ratio sigma must be > 0, got {sigma}")
+        check_range("method.n", n, 1, integer=True)  # a width-0 adapter trains nothing but the head
+        check_range("method.dropout", dropout, 0.0, 1.0, high_open=True)
         self.n, self.sigma, self.placement = int(n), sigma, placement
         self.act, self.dropout = act, float(dropout)
 

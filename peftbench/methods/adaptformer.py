@@ -16,6 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.errors import check_range
 from peftbench.layers.adapter import Bottleneck, ParallelAdapter
 from peftbench.methods.base import Method, State, freeze
 
@@ -30,6 +31,8 @@ class AdaptFormer(Method):
     """
 
     def __init__(self, n: int = 64, scale: float = 0.1, dropout: float = 0.1) -> None:
+        check_range("method.n", n, 1, integer=True)
+        check_range("method.dropout", dropout, 0.0, 1.0, high_open=True)
         self.n, self.scale, self.dropout = int(n), float(scale), float(dropout)
 
     def apply(self, model: nn.Module, state: State) -> None:

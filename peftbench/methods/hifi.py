@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.errors import ConfigError
 from peftbench.layers.sparse import SparseDeltaLinear
 from peftbench.methods.base import Method, State, freeze
 from peftbench.scorers.hifi import head_key
@@ -67,7 +68,9 @@ class HiFi(Method):
     def heads_for(self, num_heads: int) -> int:
         """Heads tuned in a layer with ``num_heads`` heads."""
         if self.ratio is None:
-            return min(self.k, num_heads)
+            if self.k > num_heads:
+                raise ConfigError(f"method.k={self.k}: a layer has only {num_heads} heads (use k <= {num_heads})")
+            return self.k
         return max(1, int(math.floor(self.ratio * num_heads + 0.5)))
 
     @property

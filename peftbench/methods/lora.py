@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.errors import check_range
 from peftbench.layers.lora import LoRALinear
 from peftbench.methods.base import Method, State, freeze
 
@@ -40,6 +41,8 @@ class LoRA(Method):
         dropout: float = 0.0,
         fused_qkv: bool = False,
     ) -> None:
+        check_range("method.rank", rank, 1, integer=True)
+        check_range("method.dropout", dropout, 0.0, 1.0, high_open=True)
         self.rank, self.targets, self.dropout, self.fused_qkv = int(rank), tuple(targets), float(dropout), fused_qkv
         self.scale = float(alpha) / self.rank if alpha is not None else float(scale)
 

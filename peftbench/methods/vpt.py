@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from peftbench.backbones import anatomy
+from peftbench.errors import check_range
 from peftbench.methods.base import Method, State, freeze
 
 #: attribute of the model that holds the prompts
@@ -127,6 +128,7 @@ class VPT(Method):
     def __init__(self, tokens: int = 10, deep: bool = False, dropout: float = 0.1) -> None:
         if int(tokens) < 1:
             raise ValueError(f"vpt: tokens must be >= 1, got {tokens}")
+        check_range("method.dropout", dropout, 0.0, 1.0, high_open=True)
         self.tokens, self.deep, self.dropout = int(tokens), bool(deep), float(dropout)
 
     @property
