@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from peftbench.accounting import backbone_size, parameter_report
-from peftbench.callbacks import EvalHistory, LastCheckpoint, MethodStateSaver
+from peftbench.callbacks import EvalHistory, LastCheckpoint, MethodHooks
 from peftbench.data.base import Task
 from peftbench.data.datamodule import VisionDataModule
 from peftbench.errors import PeftbenchError, user_error
@@ -110,8 +110,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         method_state = torch.load(state_file, weights_only=True) if state_file.exists() else None
     task, datamodule, module, pretrained_backbone = build(cfg, method_state)
     history = EvalHistory()
-    callbacks = [LastCheckpoint(run_dir / "checkpoints"), MethodStateSaver(run_dir / "method_state.pt"), history]
-    callbacks += module.method.callbacks()
+    # MethodHooks first: the method's epoch-end records are in the state that LastCheckpoint's checkpoint re-saves
+    callbacks = [MethodHooks(run_dir / "method_state.pt"), LastCheckpoint(run_dir / "checkpoints"), history]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     logger = instantiate(cfg.logger, save_dir=run_dir, name=run_dir.name)
     trainer = instantiate(

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from peftbench.backbones.build import build_backbone
+from peftbench.callbacks import carry_optimizer_state
 from peftbench.layers.adapter import SequentialAdapter
 from peftbench.methods.base import prepare_model
 from peftbench.methods.tina import (
     Tina,
     activation_scores,
     adapters,
-    carry_optimizer_state,
     neuron_scores,
     paper_cycles,
     prune,

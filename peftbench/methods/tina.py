@@ -2,9 +2,10 @@
 
 Every block gets a sequential bottleneck adapter after attention (wrapping ``proj``) and after the MLP (wrapping
 ``fc2``), of hidden width n_i = round(m_i / sigma0) (or a fixed ``n0``). Training runs in cycles inside ONE
-Lightning fit; at each cycle boundary (an epoch start) :class:`TinaCallback` scores every hidden neuron, removes
-the lowest-scored ones, really shrinks the adapters' Linear layers (survivors keep their weights and their AdamW
-state), removes adapters left without neurons, and rebuilds the optimizer and scheduler for the new parameters.
+Lightning fit; at each cycle boundary (an epoch start) the training hooks (:meth:`Tina.on_epoch_start`,
+:meth:`Tina.update`, driven by :class:`peftbench.callbacks.MethodHooks`) score every hidden neuron, remove
+the lowest-scored ones and really shrink the adapters' Linear layers (survivors keep their weights and their AdamW
+state; adapters left without neurons are removed); the callback then rebuilds the optimizer and scheduler.
 
 Score (Eq. 2, authors' code), neuron j of an adapter with input width m and hidden width n:
     I_j  = (sum_k |W_down[j, k]| + sum_k |W_up[k, j]|) / (m + n)          (``score=tina``)
@@ -39,27 +40,25 @@ Choices where the paper is silent (all in ``conf/method/tina.yaml``):
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from peftbench.backbones import anatomy
-from peftbench.callbacks import MethodStateSaver
 from peftbench.layers.adapter import Bottleneck, SequentialAdapter
 from peftbench.methods.adapter import PLACEMENTS, Adapter
-from peftbench.methods.base import State, freeze
+from peftbench.methods.base import ParamMap, State, TrainingContext, freeze
+
+log = logging.getLogger(__name__)
 
 SCORES = ("tina", "i0", "l1_down", "activation")
 SELECTIONS = ("global", "local")
 SCHEDULES = ("iterative", "one_shot")
-#: new parameter -> (old parameter, dim along which neurons were kept or None for "same tensor", kept indices)
-ParamMap = dict[nn.Parameter, tuple[nn.Parameter, int | None, torch.Tensor | None]]
 
 
 def paper_cycles(sigma0: float, sigma_target: float, rho: float) -> int:
@@ -183,26 +182,6 @@ def prune(model: nn.Module, kept: dict[str, torch.Tensor]) -> ParamMap:
     return mapping
 
 
-def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer, mapping: ParamMap) -> None:
-    """Copy ``old``'s per-parameter state (exp_avg, exp_avg_sq, step) and group settings (lr, ...) into ``new``.
-
-    Shrunken parameters get the kept slices of their predecessor's state; untouched ones their own state.
-    """
-    for g_old, g_new in zip(old.param_groups, new.param_groups, strict=True):
-        g_new.update({k: v for k, v in g_old.items() if k != "params"})
-        for p in g_new["params"]:
-            src, dim, idx = mapping.get(p, (p, None, None))
-            state = old.state.get(src)
-            if not state:
-                continue
-            copied = {}
-            for key, value in state.items():
-                if dim is not None and torch.is_tensor(value) and value.shape == src.shape:
-                    value = value.index_select(dim, idx.to(value.device))
-                copied[key] = value.clone() if torch.is_tensor(value) else value
-            new.state[p] = copied
-
-
 def trainable_counts(model: nn.Module) -> dict[str, int]:
     """Trainable parameters of the backbone (adapters) and of the head."""
     head_ids = {id(p) for p in anatomy.head(model).parameters()}
@@ -320,7 +299,7 @@ class Tina(Adapter):
         # the formula with the realised initial compression (differs from sigma0 by rounding, or when n0 is set)
         state["cycles_formula"] = paper_cycles(self.compression(state), self.sigma_target, self.rho)
         state["prunes_planned"] = len(self.plan(state))
-        rank_zero_info(
+        log.info(
             f"TINA: {len(width)} adapters, {sum(initial.values())} neurons (sigma {self.compression(state):.1f}); "
             f"paper formula C = {state['cycles_formula']} cycles; Alg. 1 prunes {state['prunes_planned']} times "
             f"({self.schedule}, {self.selection}, score {self.score}) to reach sigma {self.sigma_target:g}"
@@ -338,9 +317,6 @@ class Tina(Adapter):
                     w = layer.weight
                     adapter = Bottleneck(block.dim, n, self.act, self.dropout, device=w.device, dtype=w.dtype)
                     block.set_linear(target, SequentialAdapter(layer, adapter))
-
-    def callbacks(self) -> list:
-        return [TinaCallback(self)]
 
     def describe(self, state: State) -> dict[str, Any]:
         return {
@@ -375,80 +351,72 @@ class Tina(Adapter):
             return select_local(scores, {k: min(target[k], len(s)) for k, s in scores.items()})
         return select_global(scores, min(int(target), sum(len(s) for s in scores.values())), self.normalize)
 
+    # --- training hooks (driven by peftbench.callbacks.MethodHooks) --------------------------------------------
+    def on_epoch_start(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
+        """At a cycle boundary: close the cycle that just ended (record, test accuracy) and choose the next prune.
 
-class TinaCallback(L.Callback):
-    """Runs TINA's cycles: at the start of every ``epochs_per_cycle``-th epoch, prune and rebuild the optimizer.
-
-    Pruning at an epoch START keeps every checkpoint (saved at epoch ends) consistent with the method state,
-    which is re-saved to ``method_state.pt`` with every checkpoint so a resumed run rebuilds the pruned shapes.
-    Per-cycle records (neurons per adapter, parameters, last val/acc) go into ``method_state["cycles"]``.
-    """
-
-    def __init__(self, method: Tina) -> None:
-        self.method = method
-        self.steps: list = []  # prune targets (plan)
-        self.every = 1  # epochs per cycle
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        state = pl_module.method_state
-        self.steps = self.method.plan(state)
-        self.every = self.method.cycle_epochs(state, trainer.max_epochs)
-        if len(self.steps) * self.every >= trainer.max_epochs:
-            rank_zero_info(
-                f"TINA: {trainer.max_epochs} epochs fit fewer than {len(self.steps)} prunes "
-                f"every {self.every} epochs; sigma_target will not be reached"
-            )
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        state = pl_module.method_state
-        epoch, done = trainer.current_epoch, state["prunes"]  # prunes already applied (resume-safe)
-        if done >= len(self.steps) or epoch != (done + 1) * self.every:
-            return
-        self.record(trainer, pl_module, epoch - 1, close=True)  # close the cycle that just ended
-        kept = self.method.choose(pl_module.model, self.steps[done], pl_module.scoring_batches())
-        mapping = prune(pl_module.model, kept)
-        live = adapters(pl_module.model)
-        state["neurons"] = {k: live[k].adapter.n if k in live else 0 for k in state["width"]}
-        state["prunes"] = done + 1
-        if trainer.world_size > 1:
-            rewrap_ddp(trainer)
-        rebuild_optimizer(trainer, pl_module, mapping)
-        rank_zero_info(
-            f"TINA: prune {done + 1}/{len(self.steps)} at epoch {epoch}: "
-            f"{sum(state['neurons'].values())} neurons left, sigma {self.method.compression(state):.1f}"
+        The chosen neurons travel in the new state's ``pending_prune`` (consumed by :meth:`update`).
+        """
+        steps = self.plan(state)
+        every = self.cycle_epochs(state, ctx.max_epochs)
+        done = state["prunes"]  # prunes already applied (resume-safe)
+        if done >= len(steps) or ctx.epoch != (done + 1) * every:
+            return None
+        new = copy.deepcopy(state)
+        self.record(model, new, ctx, ctx.epoch - 1, close=True)  # close the cycle that just ended
+        kept = self.choose(model, steps[done], ctx.batches)
+        new["pending_prune"] = {k: v.tolist() for k, v in kept.items()}
+        left = {k: len(kept.get(k, [])) for k in state["width"]}
+        ctx.info(
+            f"TINA: prune {done + 1}/{len(steps)} at epoch {ctx.epoch}: "
+            f"{sum(left.values())} neurons left, sigma {self.compression(state, left):.1f}"
         )
+        return new
 
+    def update(self, model: nn.Module, old: State, new: State) -> ParamMap | None:
+        """Apply ``new["pending_prune"]``: shrink the adapters; the mapping carries the survivors' AdamW state."""
+        pending = new.pop("pending_prune", None)
+        if pending is None:
+            return None
+        mapping = prune(model, {k: torch.tensor(v, dtype=torch.long) for k, v in pending.items()})
+        live = adapters(model)
+        new["neurons"] = {k: live[k].adapter.n if k in live else 0 for k in new["width"]}
+        new["prunes"] = old["prunes"] + 1
+        return mapping
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
-            self.record(trainer, pl_module, trainer.current_epoch)
+    def on_epoch_end(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
+        """Update the running cycle's record (parameters, last val/acc)."""
+        new = copy.deepcopy(state)
+        self.record(model, new, ctx, ctx.epoch)
+        return new
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.record(trainer, pl_module, trainer.current_epoch - 1, close=True)
+    def on_fit_end(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
+        """Close the last cycle (record, test accuracy); warn when the fit was too short for every prune."""
+        planned = len(self.plan(state))
+        if state["prunes"] < planned:
+            ctx.warn(
+                f"TINA: {ctx.max_epochs} epochs fit only {state['prunes']} of {planned} prunes; "
+                f"sigma_target {self.sigma_target:g} was not reached"
+            )
+        new = copy.deepcopy(state)
+        self.record(model, new, ctx, ctx.epoch, close=True)
+        return new
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        """Keep ``method_state.pt`` (what a resumed run re-applies) in step with the checkpoint's shapes."""
-        if trainer.is_global_zero:
-            for callback in trainer.callbacks:
-                if isinstance(callback, MethodStateSaver) and callback.path.exists():
-                    torch.save(pl_module.method_state, callback.path)
-
-    def record(self, trainer: L.Trainer, pl_module: L.LightningModule, end_epoch: int, close: bool = False) -> None:
-        """Write (or update) the current cycle's entry: its configuration, parameters, last val/acc and, when the
-        cycle closes (prune or end of fit), its test accuracy."""
-        state = pl_module.method_state
-        acc = trainer.callback_metrics.get("val/acc")
+    def record(self, model: nn.Module, state: State, ctx: TrainingContext, end_epoch: int, close: bool = False) -> None:
+        """Write (or update) the current cycle's entry of ``state["cycles"]`` (in place): its configuration,
+        parameters, last val/acc and, when the cycle closes (prune or end of fit), its test accuracy."""
+        acc = ctx.metrics.get("val/acc")
         entry = {
             "cycle": state["prunes"],
             "end_epoch": int(end_epoch),
             "neurons": dict(state["neurons"]),
-            "sigma": self.method.compression(state),
-            **trainable_counts(pl_module.model),
-            "val_acc": None if acc is None else float(acc),
+            "sigma": self.compression(state),
+            **trainable_counts(model),
+            "val_acc": acc,
             "test_acc": None,
         }
-        if close and self.method.cycle_test and trainer.datamodule is not None:
-            entry["test_acc"] = test_accuracy(trainer, pl_module)
+        if close and self.cycle_test and ctx.evaluate is not None:
+            entry["test_acc"] = ctx.evaluate("test")
         cycles = state["cycles"]
         if cycles and cycles[-1]["cycle"] == entry["cycle"]:
             for key in ("val_acc", "test_acc"):  # e.g. right after a resume: keep the cycle's last known numbers
@@ -457,40 +425,3 @@ class TinaCallback(L.Callback):
             cycles[-1] = entry
         else:
             cycles.append(entry)
-
-
-@torch.no_grad()
-def test_accuracy(trainer: L.Trainer, pl_module: L.LightningModule) -> float:
-    """Top-1 accuracy of the current model on the test split (eval mode, the run's precision; mode restored).
-    Under DDP every rank evaluates the whole split (the numbers agree)."""
-    datamodule = trainer.datamodule
-    was_training = pl_module.training
-    pl_module.eval()
-    correct = total = 0
-    with trainer.precision_plugin.forward_context():
-        for batch in datamodule.test_dataloader():
-            images, labels = datamodule.on_after_batch_transfer(
-                [t.to(pl_module.device) for t in batch], 0
-            )
-            correct += int((pl_module(images).argmax(-1) == labels).sum())
-            total += len(labels)
-    pl_module.train(was_training)
-    return correct / max(1, total)
-
-
-def rewrap_ddp(trainer: L.Trainer) -> None:
-    """Re-create the DistributedDataParallel wrapper after parameters were replaced (its buckets hold the old ones)."""
-    strategy = trainer.strategy
-    strategy.model = strategy.lightning_module  # drop the old wrapper
-    strategy.configure_ddp()
-
-
-def rebuild_optimizer(trainer: L.Trainer, pl_module: L.LightningModule, mapping: ParamMap) -> None:
-    """Re-run ``configure_optimizers`` for the shrunken parameters; carry optimizer and scheduler state over."""
-    old_opt = trainer.strategy.optimizers[0]
-    old_scheds = [c.scheduler for c in trainer.strategy.lr_scheduler_configs]
-    trainer.strategy.setup_optimizers(trainer)  # sets strategy.optimizers (+ Lightning wrappers) and schedulers
-    new_opt = trainer.strategy.optimizers[0]
-    for old_s, config in zip(old_scheds, trainer.strategy.lr_scheduler_configs, strict=True):
-        config.scheduler.load_state_dict(old_s.state_dict())
-    carry_optimizer_state(old_opt, new_opt, mapping)  # after the scheduler, so group lr is the old one
