@@ -147,7 +147,9 @@ class PEFTModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         per_epoch = max(1, total // max(1, self.trainer.max_epochs))
         restarts = self.method.schedule_restarts(self.method_state, self.trainer.max_epochs)
-        extra = {"restarts": [epoch * per_epoch for epoch in restarts]} if restarts else {}
+        extra = {}
+        if restarts:  # a method that trains in cycles: the schedule restarts, each cycle with its own warm-up
+            extra = {"restarts": [e * per_epoch for e in restarts], "restart_warmup": self.method.restart_warmup}
         scheduler = self.scheduler_factory(optimizer, total_steps=total, steps_per_epoch=per_epoch, **extra)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -122,12 +122,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_seconds = time.perf_counter() - start - module.scoring_seconds
     metrics: dict[str, Any] = {}
+    window: dict[str, Any] = {}
     if history.history:  # tune: val200 each epoch; paper: test every N epochs
-        best_epoch, best = max(history.history, key=lambda h: (h[1], -h[0]))
+        # the max only over epochs the method declares reportable (TINA: its last cycle; Heart-LoRA: from the
+        # deactivation on), so the number belongs to the final model's configuration and parameter count
+        first = module.method.first_reportable_epoch(module.method_state)
+        valid = [h for h in history.history if h[0] >= first]
+        window = {"first_epoch": first, "evaluations": len(valid), "of": len(history.history)}
+        best_epoch, best = max(valid, key=lambda h: (h[1], -h[0])) if valid else (None, None)
         if cfg.protocol == "paper":
             metrics.update(test_acc=best, test_acc_last=history.history[-1][1], best_epoch=best_epoch)
         else:
             metrics.update(val_acc=history.history[-1][1], val_acc_max=best, best_epoch=best_epoch)
+        metrics = {k: v for k, v in metrics.items() if v is not None}  # no reportable epoch: no maximum
     start = time.perf_counter()
     if cfg.protocol in ("tune", "final"):  # the last epoch's model; `paper` already has its (max) number
         (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
@@ -145,6 +152,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "storage": storage,
         "metrics": metrics,
         "history": history.history,
+        "reporting_window": window,
         "selection": module.method.describe(module.method_state),
         "timings": {"scoring_s": module.scoring_seconds, "training_s": train_seconds, "evaluation_s": eval_seconds},
         "epochs": trainer.current_epoch,

@@ -77,6 +77,9 @@ class Method:
     reparameterisable: bool = False
     #: Whether the method needs a scorer's output in :meth:`select`.
     needs_scores: bool = False
+    #: Warm-up fraction of every learning-rate cycle when :meth:`schedule_restarts` restarts the schedule (None:
+    #: the fit's own warm-up share, ``scheduler.warmup_epochs / trainer.max_epochs``).
+    restart_warmup: float | None = None
 
     @property
     def name(self) -> str:
@@ -93,6 +96,12 @@ class Method:
     def schedule_restarts(self, state: State | None, max_epochs: int) -> list[int]:
         """Epochs at which the learning-rate schedule starts again (methods that train in cycles); none by default."""
         return []
+
+    def first_reportable_epoch(self, state: State) -> int:
+        """The first epoch whose evaluation may be reported for this run (``protocol=paper`` takes the maximum over
+        epochs from here on): methods that change the model during training exclude the epochs before their final
+        configuration existed. Default 0: every epoch."""
+        return 0
 
     def describe(self, state: State) -> dict[str, Any]:
         """A JSON-friendly summary of the selection for results.json (default: nothing)."""
