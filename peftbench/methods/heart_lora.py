@@ -7,10 +7,15 @@ and v of every block, delta scaled by s, dropout 0.1 on the adapter input. Train
    step 0 would be meaningless);
 2. at the start of epoch ``warmup_epochs`` the training hook (:meth:`HeartLoRA.on_epoch_start`) scores every
    head (:func:`head_scores`) on a fresh pass over the scoring batches (``scoring.n_samples`` first training
-   images, no augmentation, model in eval mode so dropout does not perturb the scores), deactivates the chosen
-   heads (:func:`choose`) by zeroing their rows of the adapter's mask, and training continues with the same
-   optimizer (deactivated B rows stay in it but their gradient is exactly zero, since their output is
-   multiplied by 0).
+   images, no augmentation, model in eval mode so dropout does not perturb the scores) and deactivates the chosen
+   heads (:func:`choose`): their rows of every up-projection B are DROPPED (:func:`deactivate_heads`, B shrinks to
+   the active heads' rows; A stays), the optimizer is rebuilt with the survivors' AdamW state carried over, and
+   training continues. Deactivated rows neither train nor drift under weight decay, are not stored in
+   ``task.pt`` and are not counted: ViT-B/16, r = 8, ne = 3 of 12 heads trains 258,048 backbone parameters
+   (A 147,456 + B 110,592), not LoRA's 294,912.
+
+``protocol=paper`` reports the best test accuracy from the deactivation epoch on (:meth:`first_reportable_epoch`),
+never an epoch of the warm-up, when all heads were still active (with ``ne=0`` every epoch counts).
 
 Choices where the appendix is silent (all in ``conf/method/heart_lora.yaml``):
 
@@ -27,7 +32,8 @@ Choices where the appendix is silent (all in ``conf/method/heart_lora.yaml``):
   globally", of Alg. 1's mask ``mask[:, :, i, :, :] = 0`` (a head index without a layer index), of ne in
   {1..11} for 12-head ViT-B, and of appendix B (accumulation restricted to layers with the same head count).
   ``layer`` (Heart-LoRA†): the ne lowest heads of each layer. ``pooled`` (our extra variant): ne x L (layer,
-  head) pairs chosen over all layers at once (so layers get different counts; ties broken by layer order).
+  head) pairs chosen over all layers at once (so layers get different counts; ties broken by layer order; a layer
+  that loses every head also freezes its A, which then no longer reaches the output).
 * Hierarchical backbones (Swin): ``ratio`` (appendix B) sets ne = floor(ratio * H + 0.5) per group of blocks with
   the same head count H (Swin-B ratio 0.25 -> {1, 2, 4, 8}); accumulation is restricted to each group.
 """
@@ -217,7 +223,7 @@ class HeartLoRA(Method):
                 block.linear(self.targets[0]), self.rank, rows, block.num_heads, scale=self.scale, dropout=self.dropout
             )
             block.set_linear(self.targets[0], layer)
-        apply_mask(model, state.get("deactivated", {}))
+        deactivate_heads(model, state.get("deactivated", {}))  # a resumed run: the shrunken shapes
 
     def choose_heads(self, model: nn.Module, state: State, batches: Callable[[], Iterable] | None) -> State:
         """Score the heads and choose the ones to deactivate; return the new state (the model is left as found)."""
@@ -227,11 +233,16 @@ class HeartLoRA(Method):
         deactivated = choose(scores, state["ne"], self.granularity)
         return {**state, "scores": scores, "deactivated": deactivated, "selected": True}
 
-    def deactivate(self, model: nn.Module, state: State, batches: Callable[[], Iterable] | None) -> None:
-        """Score, choose and deactivate in one go, recording the choice in ``state`` (in place; outside a fit)."""
+    def deactivate(self, model: nn.Module, state: State, batches: Callable[[], Iterable] | None) -> ParamMap:
+        """Score, choose and deactivate in one go, recording the choice in ``state`` (in place; outside a fit).
+
+        Returns the replaced B parameters (see :func:`deactivate_heads`): an optimizer holding the old ones must be
+        rebuilt (:func:`peftbench.callbacks.carry_optimizer_state`).
+        """
         new = self.choose_heads(model, state, batches)
-        self.update(model, state, new)
+        mapping = deactivate_heads(model, new["deactivated"])
         state.update(new)
+        return mapping
 
     # --- training hooks (driven by peftbench.callbacks.MethodHooks) --------------------------------------------
     def on_epoch_start(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
@@ -247,9 +258,14 @@ class HeartLoRA(Method):
         return new
 
     def update(self, model: nn.Module, old: State, new: State) -> ParamMap | None:
-        """Deactivate ``new``'s heads (the mask zeroes their delta; no parameter is replaced)."""
-        apply_mask(model, new["deactivated"])
-        return None
+        """Deactivate ``new``'s heads: their B rows are dropped (the mapping carries the survivors' AdamW state)."""
+        return deactivate_heads(model, new["deactivated"]) or None
+
+    def first_reportable_epoch(self, state: State) -> int:
+        """The epoch the heads were deactivated at (0 with ne = 0; past the fit when it ended before)."""
+        if not any(state.get("ne", {}).values()):
+            return 0
+        return int(state["epoch"]) if state.get("selected") else self.warmup_epochs
 
     def on_fit_end(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
         if not state.get("selected"):
@@ -273,7 +289,15 @@ class HeartLoRA(Method):
         }
 
 
-def apply_mask(model: nn.Module, deactivated: dict[str, list[int]]) -> None:
-    """Set every head layer's mask from {layer path: deactivated heads} (absent layers: all heads active)."""
+def deactivate_heads(model: nn.Module, deactivated: dict[str, list[int]]) -> ParamMap:
+    """Drop the B rows of {layer path: deactivated heads} in every head layer (absent layers: none).
+
+    Returns {new B: (old B, 1, kept rows)} for every B that was replaced (for optimizer-state carry-over).
+    """
+    mapping: ParamMap = {}
     for name, layer in head_layers(model).items():
-        layer.set_heads(deactivated.get(name, []))
+        replaced = layer.set_heads(deactivated.get(name, []))
+        if replaced is not None:
+            old, kept_rows = replaced
+            mapping[layer.lora_B] = (old, 1, kept_rows)
+    return mapping
