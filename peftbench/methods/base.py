@@ -18,8 +18,9 @@ below; one generic callback (:class:`peftbench.callbacks.MethodHooks`) calls the
 - ``on_epoch_start(model, state, ctx) -> new state | None``: decide what changes before epoch ``ctx.epoch``
   (score, choose); leave the model as found. ``None``: nothing changes.
 - ``update(model, old, new) -> ParamMap | None``: bring the model from ``old`` to ``new`` (called on every rank
-  with rank 0's ``new`` under DDP). ``None``: no parameter was replaced; otherwise the callback rebuilds the
-  optimizer (carrying AdamW state through the returned mapping) and re-wraps DDP.
+  with rank 0's ``new`` under DDP). ``None``: no parameter was replaced or removed; otherwise the callback
+  rebuilds the optimizer (carrying AdamW state through the returned mapping) and re-wraps DDP.
+- ``first_reportable_epoch(state)``: the reported maximum over epochs starts here (TINA: its last cycle).
 - ``on_epoch_end(model, state, ctx)`` / ``on_fit_end(model, state, ctx) -> new state | None``: records only.
 
 The callback also re-saves ``method_state.pt`` with every checkpoint (a resumed run re-applies it) and books the
@@ -98,9 +99,9 @@ class Method:
         return []
 
     def first_reportable_epoch(self, state: State) -> int:
-        """The first epoch whose evaluation may be reported for this run (``protocol=paper`` takes the maximum over
-        epochs from here on): methods that change the model during training exclude the epochs before their final
-        configuration existed. Default 0: every epoch."""
+        """The first epoch whose evaluation may be reported for this run: the maximum over epochs (test under
+        ``protocol=paper``, val under ``tune``) is taken from here on. Methods that change the model during training
+        exclude the epochs before their final configuration existed. Default 0: every epoch."""
         return 0
 
     def describe(self, state: State) -> dict[str, Any]:
@@ -113,7 +114,8 @@ class Method:
         return None
 
     def update(self, model: nn.Module, old: State, new: State) -> ParamMap | None:
-        """Bring ``model`` from ``old`` to ``new``; return the replaced parameters (None: none replaced)."""
+        """Bring ``model`` from ``old`` to ``new``; return the replaced parameters ({new: (old, dim, kept)}, possibly
+        empty when parameters only disappeared), or None when no parameter was replaced or removed."""
         return None
 
     def on_epoch_end(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
