@@ -1,12 +1,20 @@
-"""Lightning callbacks peftbench always installs."""
+"""Lightning callbacks peftbench always installs: checkpoints, the method's training hooks, evaluation history."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from peftbench.methods.base import ParamMap, TrainingContext
+
+if TYPE_CHECKING:
+    from peftbench.module import PEFTModule
 
 
 class LastCheckpoint(L.Callback):
@@ -28,18 +36,117 @@ class LastCheckpoint(L.Callback):
             os.replace(tmp, self.path)
 
 
-class MethodStateSaver(L.Callback):
-    """Writes the method's selection to ``<run_dir>/method_state.pt`` once it is made (rank 0).
+class MethodHooks(L.Callback):
+    """Runs the method's training hooks and owns their Lightning side (see :mod:`peftbench.methods.base`).
 
-    A resumed run re-applies this file instead of scoring again.
+    - fit start: writes the method's selection to ``state_path`` (rank 0) unless it exists (a resumed run re-applies
+      that file instead of scoring again);
+    - epoch start: ``method.on_epoch_start``; a new state is broadcast from rank 0 under DDP and applied on every
+      rank with ``method.update``; when parameters were replaced, DDP is re-wrapped and the optimizer rebuilt with
+      the AdamW state of the surviving parameters (and the scheduler's state) carried over;
+    - epoch end / fit end: ``method.on_epoch_end`` / ``method.on_fit_end`` (records);
+    - every checkpoint: re-saves ``state_path`` so it matches the checkpoint's shapes (install this callback BEFORE
+      the one that saves checkpoints at epoch end, so the epoch's records are in the saved state).
+
+    Acting at an epoch START keeps every checkpoint (saved at epoch ends) consistent with the method state. The
+    time spent in the hooks is added to ``pl_module.scoring_seconds`` (results.json ``timings.scoring_s``).
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, state_path: str | Path) -> None:
+        self.path = Path(state_path)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    @staticmethod
+    def context(trainer: L.Trainer, pl_module: PEFTModule) -> TrainingContext:
+        """The hooks' view of the run: epoch, scoring batches, an evaluation function, the last metrics."""
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        return TrainingContext(
+            epoch=trainer.current_epoch,
+            max_epochs=trainer.max_epochs,
+            batches=pl_module.scoring_batches(),
+            evaluate=pl_module.evaluate if trainer.datamodule is not None else None,
+            metrics=metrics,
+            info=rank_zero_info,
+            warn=rank_zero_warn,
+        )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: PEFTModule) -> None:
         if trainer.is_global_zero and not self.path.exists():
             torch.save(pl_module.method_state, self.path)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: PEFTModule) -> None:
+        start = time.perf_counter()
+        method, old = pl_module.method, pl_module.method_state
+        new = method.on_epoch_start(pl_module.model, old, self.context(trainer, pl_module))
+        if new is not None:
+            if trainer.world_size > 1:
+                new = trainer.strategy.broadcast(new, src=0)  # every rank applies rank 0's decision
+            mapping = method.update(pl_module.model, old, new)
+            pl_module.method_state = new
+            if mapping is not None:
+                if trainer.world_size > 1:
+                    rewrap_ddp(trainer)
+                rebuild_optimizer(trainer, mapping)
+        pl_module.scoring_seconds += time.perf_counter() - start
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: PEFTModule) -> None:
+        self._record(trainer, pl_module, pl_module.method.on_epoch_end, trainer.current_epoch)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: PEFTModule) -> None:
+        # trainer.current_epoch counts the finished epochs here: the last epoch is one less
+        self._record(trainer, pl_module, pl_module.method.on_fit_end, trainer.current_epoch - 1)
+
+    def _record(self, trainer: L.Trainer, pl_module: PEFTModule, hook, epoch: int) -> None:
+        start = time.perf_counter()
+        ctx = self.context(trainer, pl_module)
+        ctx.epoch = epoch
+        new = hook(pl_module.model, pl_module.method_state, ctx)
+        if new is not None:
+            pl_module.method_state = new
+        pl_module.scoring_seconds += time.perf_counter() - start
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: PEFTModule, checkpoint: dict) -> None:
+        """Keep ``state_path`` (what a resumed run re-applies) in step with the checkpoint's shapes."""
+        if trainer.is_global_zero and self.path.exists():
+            torch.save(pl_module.method_state, self.path)
+
+
+def rewrap_ddp(trainer: L.Trainer) -> None:
+    """Re-create the DistributedDataParallel wrapper after parameters were replaced (its buckets hold the old ones)."""
+    strategy = trainer.strategy
+    strategy.model = strategy.lightning_module  # drop the old wrapper
+    strategy.configure_ddp()
+
+
+def rebuild_optimizer(trainer: L.Trainer, mapping: ParamMap) -> None:
+    """Re-run ``configure_optimizers`` for the current trainable parameters; carry optimizer and scheduler state."""
+    old_opt = trainer.strategy.optimizers[0]
+    old_scheds = [c.scheduler for c in trainer.strategy.lr_scheduler_configs]
+    trainer.strategy.setup_optimizers(trainer)  # sets strategy.optimizers (+ Lightning wrappers) and schedulers
+    new_opt = trainer.strategy.optimizers[0]
+    for old_s, config in zip(old_scheds, trainer.strategy.lr_scheduler_configs, strict=True):
+        config.scheduler.load_state_dict(old_s.state_dict())
+    carry_optimizer_state(old_opt, new_opt, mapping)  # after the scheduler, so group lr is the old one
+
+
+def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer, mapping: ParamMap) -> None:
+    """Copy ``old``'s per-parameter state (exp_avg, exp_avg_sq, step) and group settings (lr, ...) into ``new``.
+
+    Replaced parameters (keys of ``mapping``) get the kept slices of their predecessor's state; untouched ones their
+    own state; parameters that disappeared take their state with them.
+    """
+    for g_old, g_new in zip(old.param_groups, new.param_groups, strict=True):
+        g_new.update({k: v for k, v in g_old.items() if k != "params"})
+        for p in g_new["params"]:
+            src, dim, idx = mapping.get(p, (p, None, None))
+            state = old.state.get(src)
+            if not state:
+                continue
+            copied = {}
+            for key, value in state.items():
+                if dim is not None and torch.is_tensor(value) and value.shape == src.shape:
+                    value = value.index_select(dim, idx.to(value.device))
+                copied[key] = value.clone() if torch.is_tensor(value) else value
+            new.state[p] = copied
 
 
 class EvalHistory(L.Callback):

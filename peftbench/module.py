@@ -85,6 +85,22 @@ class PEFTModule(L.LightningModule):
         n, batch_size = self.scoring["n_samples"], self.scoring["batch_size"]
         return lambda: datamodule.scoring_batches(n, batch_size, self.device)
 
+    @torch.no_grad()
+    def evaluate(self, role: str = "test") -> float:
+        """Top-1 accuracy of the current model on the data module's split ``role`` (eval mode, the run's precision,
+        train/eval mode restored). Under DDP every rank evaluates the whole split (the numbers agree)."""
+        datamodule = self.trainer.datamodule
+        was_training = self.training
+        self.eval()
+        correct = total = 0
+        with self.trainer.precision_plugin.forward_context():
+            for batch in datamodule._eval_loader(role):
+                images, labels = datamodule.on_after_batch_transfer([t.to(self.device) for t in batch], 0)
+                correct += int((self(images).argmax(-1) == labels).sum())
+                total += len(labels)
+        self.train(was_training)
+        return correct / max(1, total)
+
     # --- steps -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -140,9 +156,10 @@ class PEFTModule(L.LightningModule):
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
         per_epoch = max(1, total // max(1, self.trainer.max_epochs))
-        restarts_of = getattr(self.method, "schedule_restarts", None)  # optional part of the Method interface
-        restarts = restarts_of(self.method_state, self.trainer.max_epochs) if restarts_of else []
-        extra = {"restarts": [epoch * per_epoch for epoch in restarts]} if restarts else {}
+        restarts = self.method.schedule_restarts(self.method_state, self.trainer.max_epochs)
+        extra = {}
+        if restarts:  # a method that trains in cycles: the schedule restarts, each cycle with its own warm-up
+            extra = {"restarts": [e * per_epoch for e in restarts], "restart_warmup": self.method.restart_warmup}
         scheduler = self.scheduler_factory(optimizer, total_steps=total, steps_per_epoch=per_epoch, **extra)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -17,6 +17,7 @@ def cosine_with_warmup(
     warmup_start_factor: float = 0.0,
     min_factor: float = 0.0,
     restarts: Sequence[int] = (),
+    restart_warmup: float | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_epochs`` epochs, then cosine decay to ``min_factor`` x lr at ``total_steps``.
 
@@ -24,14 +25,15 @@ def cosine_with_warmup(
     warm-up (so the first step already has a non-zero lr), then ``min + (1 - min) * (1 + cos(pi * p)) / 2``.
 
     ``restarts``: steps at which the whole schedule starts again (methods that train in cycles, e.g. TINA). Each
-    segment [restart_k, restart_k+1) runs warm-up + cosine scaled to its own length, keeping the warm-up's share
-    of the fit (10 of 100 epochs -> 10% of every segment). The factor is a pure function of the step, so a resumed
-    run continues exactly.
+    segment [restart_k, restart_k+1) runs warm-up + cosine scaled to its own length; its warm-up is the fraction
+    ``restart_warmup`` of the segment (TINA: 0.2, the paper's 20 of every 100 epochs) or, when None, the fit's own
+    warm-up share (10 of 100 epochs -> 10% of every segment). The factor is a pure function of the step, so a
+    resumed run continues exactly.
     """
     total_steps = max(1, total_steps)
     starts = [0] + sorted(s for s in set(restarts) if 0 < s < total_steps)
     ends = starts[1:] + [total_steps]
-    share = warmup_epochs * steps_per_epoch / total_steps
+    share = warmup_epochs * steps_per_epoch / total_steps if restart_warmup is None else float(restart_warmup)
 
     def segment(length: int, warmup: int):
         total = max(length, warmup + 1)

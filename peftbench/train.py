@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from peftbench.accounting import backbone_size, parameter_report
-from peftbench.callbacks import EvalHistory, LastCheckpoint, MethodStateSaver
+from peftbench.callbacks import EvalHistory, LastCheckpoint, MethodHooks
 from peftbench.compose import (  # noqa: F401 - compose_config: tests import it from here until they move
     CONFIG_DIR,
     build_task,
@@ -149,8 +149,8 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
             _load_plain(ckpt_path, "resume: ", mmap=True)  # a truncated checkpoint fails here, in one line
     task, datamodule, module, pretrained_backbone = build(cfg, method_state)
     history = EvalHistory()
-    callbacks = [LastCheckpoint(run_dir / "checkpoints"), MethodStateSaver(run_dir / "method_state.pt"), history]
-    callbacks += module.method.callbacks()
+    # MethodHooks first: the method's epoch-end records are in the state that LastCheckpoint's checkpoint re-saves
+    callbacks = [MethodHooks(run_dir / "method_state.pt"), LastCheckpoint(run_dir / "checkpoints"), history]
     callbacks += [instantiate_group(c, "callbacks") for c in (cfg.get("callbacks") or {}).values()]
     logger = instantiate_group(cfg.logger, "logger", save_dir=run_dir, name=run_dir.name)
     trainer = instantiate_group(
@@ -167,12 +167,19 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
     train_seconds = time.perf_counter() - start - module.scoring_seconds
     check_trained(trainer, module)
     metrics: dict[str, Any] = {}
+    window: dict[str, Any] = {}
     if history.history:  # tune: val200 each epoch; paper: test every N epochs
-        best_epoch, best = max(history.history, key=lambda h: (h[1], -h[0]))
+        # the max only over epochs the method declares reportable (TINA: its last cycle; Heart-LoRA: from the
+        # deactivation on), so the number belongs to the final model's configuration and parameter count
+        first = module.method.first_reportable_epoch(module.method_state)
+        valid = [h for h in history.history if h[0] >= first]
+        window = {"first_epoch": first, "evaluations": len(valid), "of": len(history.history)}
+        best_epoch, best = max(valid, key=lambda h: (h[1], -h[0])) if valid else (None, None)
         if cfg.protocol == "paper":
             metrics.update(test_acc=best, test_acc_last=history.history[-1][1], best_epoch=best_epoch)
         else:
             metrics.update(val_acc=history.history[-1][1], val_acc_max=best, best_epoch=best_epoch)
+        metrics = {k: v for k, v in metrics.items() if v is not None}  # no reportable epoch: no maximum
     start = time.perf_counter()
     if cfg.protocol in ("tune", "final"):  # the last epoch's model; `paper` already has its (max) number
         (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
@@ -190,6 +197,7 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
         "storage": storage,
         "metrics": metrics,
         "history": history.history,
+        "reporting_window": window,
         "selection": module.method.describe(module.method_state),
         "timings": {"scoring_s": module.scoring_seconds, "training_s": train_seconds, "evaluation_s": eval_seconds},
         "epochs": trainer.current_epoch,

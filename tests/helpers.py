@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 from peftbench.data.base import SplitArrays, Task
+from peftbench.methods.base import Method
 
 
 class BlobTask(Task):
@@ -88,7 +89,7 @@ class CountingScorer:
         return {"blocks": torch.stack([b.linear("fc1").weight.norm() for b in anatomy.blocks(model)]), "n": n}
 
 
-class OneBlockMethod:
+class OneBlockMethod(Method):
     """Test method: trains the MLP of ONE block, chosen from the scores plus a rank-dependent offset.
 
     Without the broadcast in ``prepare_model`` DDP ranks would pick different blocks; with it they agree.
@@ -112,9 +113,6 @@ class OneBlockMethod:
         freeze(model)
         for p in anatomy.blocks(model)[int(state["block"])].mlp.parameters():
             p.requires_grad_(True)
-
-    def callbacks(self) -> list:
-        return []
 
     def describe(self, state: dict) -> dict:
         return {"block": int(state["block"])}

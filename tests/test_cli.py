@@ -106,3 +106,5 @@ def test_ddp_two_ranks_methods_that_select_or_shrink(tmp_path, method):
     assert record["status"] == "ok"
     if method == "tina":
         assert record["selection"]["prunes_done"] == 2
+    if method == "heart_lora":  # B rows of 2 of 12 heads dropped mid-fit (DDP re-wrapped): 36,864 - 2 x 6 x 2 x 16 x 8
+        assert record["params"]["trainable_backbone"] == 33_792

@@ -12,7 +12,7 @@ from peftbench.backbones import anatomy
 from peftbench.layers.head_lora import HeadLoRALinear
 from peftbench.layers.lora import LoRALinear
 from peftbench.methods.base import merge, prepare_model, unmerge
-from peftbench.methods.heart_lora import HeartLoRA, apply_mask, choose, head_layers, head_scores
+from peftbench.methods.heart_lora import HeartLoRA, choose, deactivate_heads, head_layers, head_scores
 from peftbench.train import compose_config, execute
 from tests.helpers import TINY
 
@@ -46,15 +46,18 @@ def test_deactivated_heads_exact_zero_delta_and_gradient():
     ref = LoRALinear(qkv, 2, rows, scale=3.0)
     ref.lora_A.data.copy_(head.lora_A)
     ref.lora_B.data.copy_(head.lora_B)
-    head.set_heads([1, 3])
+    full_b = head.lora_B
+    old, kept = head.set_heads([1, 3])
     hd = C // H
+    assert old is full_b and head.lora_B.shape == (2, 2 * hd, 2)  # only heads 0 and 2 keep B rows
+    assert torch.equal(head.lora_B, full_b[:, kept]) and kept.tolist() == [*range(hd), *range(2 * hd, 3 * hd)]
     for g in range(2):
         for h in (1, 3):
             ref.lora_B.data[g, h * hd : (h + 1) * hd] = 0.0
     x = torch.randn(5, 7, C)
     y = head(x)
-    assert torch.equal(y, ref(x))
-    assert torch.equal(head.delta_weight(), ref.delta_weight())
+    torch.testing.assert_close(y, ref(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(head.delta_weight(), ref.delta_weight(), rtol=0, atol=1e-6)
     base = qkv(x)
     dw = head.delta_weight()
     for part in (0, 2):  # q and v blocks of the qkv output
@@ -64,15 +67,18 @@ def test_deactivated_heads_exact_zero_delta_and_gradient():
             assert torch.count_nonzero(dw[sl]) == 0
         assert torch.count_nonzero(dw[part * C : part * C + hd]) > 0  # head 0 active
     y.square().sum().backward()
-    gb = head.head_view(head.lora_B.grad)  # (G, H, hd, r)
-    assert torch.count_nonzero(gb[:, [1, 3]]) == 0 and torch.count_nonzero(gb[:, [0, 2]]) > 0
-    assert head.deactivated() == [1, 3]
+    y_ref = ref(x)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(head.lora_A.grad, ref.lora_A.grad, rtol=1e-5, atol=1e-5)  # A: as with zeroed rows
+    assert head.deactivated() == [1, 3] and head.set_heads([1, 3]) is None  # already gone: nothing replaced
+    head.set_heads([0, 2])
+    assert head.lora_B.shape[1] == 0 and not head.lora_A.requires_grad  # no head left: A no longer trains
 
 
 def test_merged_equals_masked_unmerged():
     model, method, state = adapted()
     state["deactivated"] = choose({k: torch.rand(H) for k in head_layers(model)}, state["ne"], "layer")
-    apply_mask(model, state["deactivated"])
+    deactivate_heads(model, state["deactivated"])
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         before = model(x)
@@ -183,27 +189,32 @@ def test_end_to_end_and_resume(tmp_path):
 
 
 def test_frozen_bit_identical_and_dead_heads_stay_zero_while_training():
+    from peftbench.callbacks import carry_optimizer_state
+
     model, method, state = adapted(ne=1, granularity="layer")
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=1e-4)
+    trainable = lambda: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
+    opt = torch.optim.AdamW(trainable(), lr=1e-2, weight_decay=1e-4)
     data = batches(2)
     model.train()
     for step in range(4):
-        if step == 2:  # deactivate mid-training, same optimizer
-            method.deactivate(model, state, lambda: data)
+        if step == 2:  # deactivate mid-training: B shrinks, the optimizer is rebuilt with the survivors' state
+            mapping = method.deactivate(model, state, lambda: data)
+            new = torch.optim.AdamW(trainable(), lr=1e-2, weight_decay=1e-4)
+            carry_optimizer_state(opt, new, mapping)
+            for b, (old, _, kept) in mapping.items():
+                assert torch.equal(new.state[b]["exp_avg"], opt.state[old]["exp_avg"][:, kept])
+            opt = new
         images, labels = data[step % 2]
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(images), labels).backward()
-        if step >= 2:
-            for name, layer in head_layers(model).items():
-                dead = state["deactivated"][name]
-                assert torch.count_nonzero(layer.head_view(layer.lora_B.grad)[:, dead]) == 0
         opt.step()
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     hd = C // H
     for name, layer in head_layers(model).items():
+        assert layer.lora_B.shape[1] == (H - 1) * hd
         dw = layer.delta_weight()  # (3C, C)
         for h in state["deactivated"][name]:
             for part in (0, 2):
@@ -241,3 +252,71 @@ def test_swin_ratio_groups_by_head_count():
     assert len(stage0) == len(stage1) == 2
     assert all(len(v) == 1 for v in stage0) and all(len(v) == 2 for v in stage1)
     assert stage0[0] == stage0[1] and stage1[0] == stage1[1]  # accumulated within a stage
+
+
+# --- issue 13 item 7: Heart-LoRA counts (and stores) what it trains; protocol=paper reports after deactivation ---
+def test_vit_b16_ne3_trains_and_stores_only_the_active_heads():
+    """ViT-B/16 (random weights), r = 8 on q and v: LoRA trains 294,912 parameters; after deactivating ne = 3 of
+    12 heads the q and v B rows of those heads are gone: 147,456 (A) + 9/12 x 147,456 (B) = 258,048."""
+    from peftbench.accounting import backbone_size, parameter_report
+    from peftbench.backbones.build import build_backbone
+    from peftbench.export import task_tensors
+
+    torch.manual_seed(0)
+    model = build_backbone("vit_b16", num_classes=10, timm_name="vit_base_patch16_224", pretrained=False)
+    pretrained = backbone_size(model)
+    method = HeartLoRA(ne=3, score="front")  # front: heads 0, 1, 2 (no data needed)
+    state = prepare_model(model, method)
+    assert parameter_report(model, pretrained)["trainable_backbone"] == 294_912
+    mapping = method.deactivate(model, state, None)
+    assert len(mapping) == 12  # one B per block replaced
+    report = parameter_report(model, pretrained)
+    assert report["trainable_backbone"] == 258_048 == 147_456 + 110_592
+    head = sum(p.numel() for p in anatomy.head(model).parameters())
+    assert sum(t.numel() for t in task_tensors(model).values()) == 258_048 + head  # what task.pt stores
+
+
+class FakeEvaluations:
+    """Replaces EvalHistory's record of each evaluation by a known accuracy per epoch."""
+
+    def __init__(self, accuracies: dict[int, float]) -> None:
+        self.accuracies = accuracies
+
+    def __call__(self, history, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            history.history.append((trainer.current_epoch, self.accuracies[trainer.current_epoch]))
+
+
+def test_run_counts_stores_and_reports_only_after_deactivation(tmp_path, monkeypatch):
+    """TINY run (ViT micro: 6 blocks of width 192, 12 heads of 16, r = 8), ne = 3 after one warm-up epoch,
+    protocol=paper: results.json counts the active parameters, task.pt and the checkpoint hold no deactivated rows
+    (so they cannot drift under AdamW), and the reported maximum ignores the warm-up epoch (known accuracies 0.9,
+    0.5, 0.6: 0.6, not 0.9)."""
+    from peftbench.callbacks import EvalHistory
+
+    fake = FakeEvaluations({0: 0.9, 1: 0.5, 2: 0.6})
+    monkeypatch.setattr(EvalHistory, "on_validation_epoch_end", lambda self, t, m: fake(self, t, m))
+    overrides = TINY + [
+        "method=heart_lora",
+        "method.ne=3",
+        "method.warmup_epochs=1",
+        "trainer.max_epochs=3",
+        "scoring.n_samples=32",
+        "scoring.batch_size=16",
+        "protocol=paper",
+        f"paths.output_dir={tmp_path}/o",
+    ]
+    record = execute(compose_config(overrides), tmp_path / "run")
+    assert record["status"] == "ok", record.get("error")
+    assert record["metrics"]["test_acc"] == 0.6 and record["metrics"]["best_epoch"] == 2
+    assert record["reporting_window"] == {"first_epoch": 1, "evaluations": 2, "of": 3}
+    blocks, dim, heads, rank = 6, 192, 12, 8
+    active = 2 * blocks * (heads - 3) * (dim // heads) * rank  # B rows of the 9 active heads, q and v
+    assert record["params"]["trainable_backbone"] == 2 * blocks * rank * dim + active  # A + active B
+    task = torch.load(tmp_path / "run" / "task.pt", weights_only=True)
+    b_task = {k: v for k, v in task["params"].items() if k.endswith("lora_B")}
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b_ckpt = {k: v for k, v in ckpt.items() if k.endswith("lora_B")}
+    assert len(b_task) == len(b_ckpt) == blocks
+    assert all(v.shape == (2, (heads - 3) * (dim // heads), rank) for v in [*b_task.values(), *b_ckpt.values()])
+    assert sum(v.numel() for v in b_task.values()) == active

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from peftbench.backbones.build import build_backbone
+from peftbench.callbacks import carry_optimizer_state
 from peftbench.layers.adapter import SequentialAdapter
 from peftbench.methods.base import prepare_model
 from peftbench.methods.tina import (
     Tina,
     activation_scores,
     adapters,
-    carry_optimizer_state,
     neuron_scores,
     paper_cycles,
     prune,
@@ -80,14 +80,15 @@ def zeroed_reference(model: torch.nn.Module, kept: dict[str, torch.Tensor]) -> t
     return ref
 
 
-def test_scores_follow_eq2():
+def test_scores_follow_eq2_and_the_authors_scaling():
     model = tiny_model(Tina(sigma0=8))
     b = next(iter(adapters(model).values())).adapter  # m = 48, n = 6
     down, up = b.down.weight, b.up.weight  # (6, 48), (48, 6)
     j = 2
     i0 = down[j].abs().sum() + up[:, j].abs().sum()
     assert torch.allclose(neuron_scores(b, "i0")[j], i0)
-    assert torch.allclose(neuron_scores(b, "tina")[j], i0 / (48 + 6))
+    assert torch.allclose(neuron_scores(b, "tina")[j], i0 / (48 + 48))  # authors' code: over the 2m summed weights
+    assert torch.allclose(neuron_scores(b, "tina_eq2")[j], i0 / (48 + 6))  # Eq. 2 as printed: over n + m
     assert torch.allclose(neuron_scores(b, "l1_down")[j], down[j].abs().sum())
 
 
@@ -367,3 +368,170 @@ def test_schedule_with_restarts_repeats_the_scaled_schedule():
     assert cycled[:50] == cycled[50:]  # both segments identical
     assert cycled[0] == pytest.approx(1 / 10)  # warm-up keeps its 20% share: 10 of the 50 steps
     assert whole[0] == pytest.approx(1 / 20) and whole == factors(total_steps=100, restarts=[])
+
+
+# --- issue 13 item 6: score variants, per-cycle schedule, 100-epoch cycles in the tables, last-cycle reporting ---
+def set_neurons(bottleneck, down_rows: list[float]) -> None:
+    """Give neuron j of ``bottleneck`` a down row of constant value ``down_rows[j]`` and a zero up column, so its
+    I0 score is m * down_rows[j] (m = the adapter's width)."""
+    with torch.no_grad():
+        bottleneck.down.weight.copy_(torch.tensor(down_rows)[:, None].expand_as(bottleneck.down.weight))
+        bottleneck.up.weight.zero_()
+
+
+def test_default_score_ranks_unlike_i0_across_adapter_widths():
+    """Table 3's I (scaled) and I0 select different neurons where adapters differ in width (Swin: one width per
+    stage). With the defaults (score=tina, no per-adapter max normalisation: the authors' released scripts) the
+    scaling is 1/(2m): a 16-wide adapter's neuron of I0 = 8 (I = 0.25) beats a 32-wide one's of I0 = 9.6 (I = 0.15)."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    def choose(**kwargs) -> dict[str, list[int]]:
+        torch.manual_seed(0)
+        model = SwinTransformer(
+            img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 4), num_classes=3
+        )
+        method = Tina(n0=2, **kwargs)
+        prepare_model(model, method)
+        live = adapters(model)
+        assert sorted({a.adapter.n_in for a in live.values()}) == [16, 32]
+        for a in live.values():  # I0: 16-wide adapters [16, 8]; 32-wide adapters [9.6, 0.32]
+            set_neurons(a.adapter, [1.0, 0.5] if a.adapter.n_in == 16 else [0.3, 0.01])
+        kept = method.choose(model, 2 * len(live) // 2)  # keep half: 4 of 8 neurons
+        return {k: v.tolist() for k, v in kept.items()}
+
+    default, i0 = choose(), choose(score="i0")
+    narrow = [k for k in default if k.startswith("layers.0.")]
+    wide = [k for k in default if k.startswith("layers.1.")]
+    assert all(default[k] == [0, 1] for k in narrow) and all(default[k] == [] for k in wide)  # I: 0.25 > 0.15
+    assert all(i0[k] == [0] for k in narrow + wide)  # I0: 9.6 > 8
+    assert choose(score="tina", normalize=True) == choose(score="i0", normalize=True)  # max-normalised: the same
+
+
+def test_eq2_as_printed_ranks_unlike_i0_across_hidden_widths():
+    """Eq. 2's 1/(n + m) also separates adapters of one width once their hidden widths differ (after a prune)."""
+    from peftbench.layers.adapter import Bottleneck
+
+    narrow, wide = Bottleneck(48, 2), Bottleneck(48, 6)  # n + m = 50 and 54
+    set_neurons(narrow, [10 / 48, 0.0])  # I0 = 10   -> Eq. 2: 0.2
+    set_neurons(wide, [10.5 / 48] + [0.0] * 5)  # I0 = 10.5 -> Eq. 2: 0.194
+    for score, winner in (("i0", "wide"), ("tina_eq2", "narrow"), ("tina", "wide")):
+        scores = {"narrow": neuron_scores(narrow, score), "wide": neuron_scores(wide, score)}
+        kept = select_global(scores, 1, normalize=False)
+        assert kept[winner].tolist() == [0], score
+
+
+def test_every_cycle_warms_up_for_its_first_fifth_at_paper_scale():
+    """The README's command (500 epochs, 100-epoch cycles, VTAB recipe warm-up 10 epochs): every cycle is 20
+    warm-up + 80 cosine epochs as in the paper, not the fit's share 10 / 500 (2 + 98)."""
+    from peftbench.schedulers import cosine_with_warmup
+
+    width = {f"s{i}": 768 for i in range(24)}
+    state = {"width": width, "initial": dict.fromkeys(width, 24), "neurons": dict.fromkeys(width, 24), "cycles": []}
+    method = Tina(sigma0=32, sigma_target=512, epochs_per_cycle=100)
+    restarts = method.schedule_restarts(state, 500)
+    assert restarts == [100, 200, 300, 400] and len(method.plan(state)) == 4
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine_with_warmup(
+        opt, total_steps=500, steps_per_epoch=1, warmup_epochs=10, restarts=restarts,
+        restart_warmup=method.restart_warmup,
+    )
+    f = [sched.lr_lambdas[0](t) for t in range(500)]
+    for start in (0, 100, 200, 300, 400):
+        cycle = f[start : start + 100]
+        assert cycle.index(max(cycle)) == 19 and cycle[0] == pytest.approx(1 / 20)  # 20 warm-up epochs
+        assert all(a >= b for a, b in zip(cycle[19:], cycle[20:]))  # then 80 epochs of cosine decay
+    assert Tina(lr_restart=False).restart_warmup is None
+
+
+class StepLRProbe(L.Callback):
+    """Records the learning rate of every optimisation step."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.lrs = out, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with open(self.out, "w") as f:
+            json.dump(self.lrs, f)
+
+
+def test_cycle_warmup_reaches_the_optimizer_in_a_run(tmp_path):
+    """In a real fit (4 steps per epoch, 2 cycles of 5 epochs, scheduler.warmup_epochs=1 = 10% of the fit) every
+    cycle warms up for 20% of its 20 steps: the lr first peaks at the cycle's 4th step (not its 2nd)."""
+    overrides = TINY + [
+        "method=tina",
+        "method.sigma0=8",
+        "method.sigma_target=16",
+        "method.epochs_per_cycle=5",
+        "trainer.max_epochs=10",
+        "scheduler.warmup_epochs=1",
+        f"paths.output_dir={tmp_path}/o",
+        "+callbacks.lr._target_=tests.test_tina.StepLRProbe",
+        f"+callbacks.lr.out={tmp_path}/lr.json",
+    ]
+    record = execute(compose_config(overrides), tmp_path / "run")
+    assert record["selection"]["prunes_done"] == 1
+    lrs = json.loads((tmp_path / "lr.json").read_text())
+    assert len(lrs) == 40
+    for cycle in (lrs[:20], lrs[20:]):
+        assert cycle.index(max(cycle)) == 3
+
+
+@pytest.mark.parametrize(("table", "rows", "paper", "smoke"), [
+    ("tina_1", 4, list(range(0, 500, 100)), [0, 1, 2, 3, 4]),
+    ("tina_2", 4, list(range(0, 500, 100)), [0, 1, 2, 3, 4]),
+    ("tina_4", 2, [0, 100, 200], [0, 1, 2]),
+])
+def test_table_rows_prune_once_every_100_epochs(table, rows, paper, smoke):
+    """TINA (k cycles): k prunes, at epochs 100, ..., k x 100 (paper scale; smoke: 1-epoch cycles), each cycle
+    100 epochs, not max_epochs / (k + 1)."""
+    from hydra.utils import instantiate
+
+    from peftbench.tables.plan import common_overrides
+    from peftbench.tables.spec import ACCOUNTING_DATASET, load_spec
+
+    spec = load_spec(table)
+    tina_rows = [r for r in spec.rows if r.overrides and "method=tina" in r.overrides]
+    assert len(tina_rows) == rows
+    width = {f"s{i}": 768 for i in range(24)}  # ViT-B/16: 24 adapters of width 768, sigma0 = 32
+    state = {"width": width, "initial": dict.fromkeys(width, 24), "neurons": dict.fromkeys(width, 24), "cycles": []}
+    for scale, starts in (("paper", paper), ("smoke", smoke)):
+        for row in tina_rows:
+            cfg = compose_config([*common_overrides(spec, row, scale, []), ACCOUNTING_DATASET[scale]])
+            method, max_epochs = instantiate(cfg.method), int(cfg.trainer.max_epochs)
+            prunes = len(method.plan(state))
+            assert method.schedule_restarts(state, max_epochs) == starts[1:], (scale, row.name)
+            assert method.cycle_starts(state, max_epochs) == starts
+            assert 1 <= prunes < len(starts), row.name  # every prune happens, at the starts of cycles 1..k
+            assert max_epochs == (starts[1] - starts[0]) * len(starts)
+
+
+def test_protocol_paper_reports_the_last_cycle_only(tmp_path, monkeypatch):
+    """protocol=paper takes the maximum over the last cycle (epochs 2-3 here), never an earlier, larger cycle:
+    evaluations are replaced by a known sequence whose overall maximum lies in the first cycle."""
+    from peftbench.callbacks import EvalHistory
+
+    fake = {0: 0.9, 1: 0.8, 2: 0.5, 3: 0.6}
+
+    def record(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.history.append((trainer.current_epoch, fake[trainer.current_epoch]))
+
+    monkeypatch.setattr(EvalHistory, "on_validation_epoch_end", record)
+    overrides = TINY + [
+        "method=tina",
+        "method.sigma0=8",
+        "method.sigma_target=16",
+        "method.epochs_per_cycle=2",
+        "trainer.max_epochs=4",
+        "protocol=paper",
+        f"paths.output_dir={tmp_path}/o",
+    ]
+    record_ = execute(compose_config(overrides), tmp_path / "run")
+    assert record_["metrics"]["test_acc"] == 0.6 and record_["metrics"]["best_epoch"] == 3
+    assert record_["reporting_window"] == {"first_epoch": 2, "evaluations": 2, "of": 4}
+    last = record_["selection"]["cycles"][-1]
+    assert last["start_epoch"] == 2 and last["trainable_backbone"] == record_["params"]["trainable_backbone"]
+    assert record_["selection"]["cycles"][0]["trainable_backbone"] > last["trainable_backbone"]

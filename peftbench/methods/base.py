@@ -10,13 +10,27 @@ A method owns selection and mutation of the backbone, in two steps driven by :fu
    the trainable set; the classifier head is always trainable (:func:`prepare_model` sees to it).
 
 Methods that change only existing weights (reparameterisable) implement merge/unmerge through their layers'
-``merge()``/``unmerge()``; :func:`merge` and :func:`unmerge` here walk the model for them. Methods that act
-during training (warm-up then mask, iterative pruning) return Lightning callbacks from ``callbacks()``.
+``merge()``/``unmerge()``; :func:`merge` and :func:`unmerge` here walk the model for them.
+
+Methods that act during training (warm-up then deactivate heads, iterative pruning) implement the training hooks
+below; one generic callback (:class:`peftbench.callbacks.MethodHooks`) calls them and owns everything Lightning:
+
+- ``on_epoch_start(model, state, ctx) -> new state | None``: decide what changes before epoch ``ctx.epoch``
+  (score, choose); leave the model as found. ``None``: nothing changes.
+- ``update(model, old, new) -> ParamMap | None``: bring the model from ``old`` to ``new`` (called on every rank
+  with rank 0's ``new`` under DDP). ``None``: no parameter was replaced or removed; otherwise the callback
+  rebuilds the optimizer (carrying AdamW state through the returned mapping) and re-wraps DDP.
+- ``first_reportable_epoch(state)``: the reported maximum over epochs starts here (TINA: its last cycle).
+- ``on_epoch_end(model, state, ctx)`` / ``on_fit_end(model, state, ctx) -> new state | None``: records only.
+
+The callback also re-saves ``method_state.pt`` with every checkpoint (a resumed run re-applies it) and books the
+hooks' time as scoring time. Method files import no Lightning.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +41,36 @@ from peftbench.errors import ConfigError
 from peftbench.scorers.base import Counted, check_scores
 
 State = dict[str, Any]
+#: new parameter -> (the parameter it replaces, dim along which entries were kept or None for "same shape",
+#: kept indices or None): how optimizer state follows parameters a method replaced
+ParamMap = dict[nn.Parameter, tuple[nn.Parameter, int | None, torch.Tensor | None]]
+
+
+def _no_log(message: str) -> None:
+    """Default logger of a :class:`TrainingContext`: drop the message."""
+
+
+@dataclass
+class TrainingContext:
+    """What a method's training hooks may use; built by the training loop (methods import no Lightning).
+
+    Attributes:
+        epoch: the epoch about to start (``on_epoch_start``) or just finished (``on_epoch_end``, ``on_fit_end``).
+        max_epochs: the fit's length in epochs.
+        batches: zero-argument factory of the scoring batches (the first ``scoring.n_samples`` training images, no
+            augmentation, normalised, on the model's device), or None without data.
+        evaluate: top-1 accuracy of the current model on a split role (``"test"``), or None without data.
+        metrics: the last logged metrics (e.g. ``"val/acc"``) as floats.
+        info, warn: log one line (on rank 0 under DDP).
+    """
+
+    epoch: int
+    max_epochs: int
+    batches: Callable[[], Iterable] | None = None
+    evaluate: Callable[[str], float] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: Callable[[str], None] = _no_log
+    warn: Callable[[str], None] = _no_log
 
 
 class Method:
@@ -36,6 +80,9 @@ class Method:
     reparameterisable: bool = False
     #: Whether the method needs a scorer's output in :meth:`select`.
     needs_scores: bool = False
+    #: Warm-up fraction of every learning-rate cycle when :meth:`schedule_restarts` restarts the schedule (None:
+    #: the fit's own warm-up share, ``scheduler.warmup_epochs / trainer.max_epochs``).
+    restart_warmup: float | None = None
 
     @property
     def name(self) -> str:
@@ -49,17 +96,37 @@ class Method:
         """Mutate ``model`` according to ``state`` and set ``requires_grad`` on the trainable set."""
         raise NotImplementedError
 
-    def callbacks(self) -> list:
-        """Lightning callbacks the method needs during training (none by default)."""
-        return []
-
     def schedule_restarts(self, state: State | None, max_epochs: int) -> list[int]:
         """Epochs at which the learning-rate schedule starts again (methods that train in cycles); none by default."""
         return []
 
+    def first_reportable_epoch(self, state: State) -> int:
+        """The first epoch whose evaluation may be reported for this run: the maximum over epochs (test under
+        ``protocol=paper``, val under ``tune``) is taken from here on. Methods that change the model during training
+        exclude the epochs before their final configuration existed. Default 0: every epoch."""
+        return 0
+
     def describe(self, state: State) -> dict[str, Any]:
         """A JSON-friendly summary of the selection for results.json (default: nothing)."""
         return {}
+
+    # --- training hooks (see the module docstring); the defaults do nothing -----------------------------------
+    def on_epoch_start(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
+        """Decide what changes before epoch ``ctx.epoch``; return the new state, or None when nothing changes."""
+        return None
+
+    def update(self, model: nn.Module, old: State, new: State) -> ParamMap | None:
+        """Bring ``model`` from ``old`` to ``new``; return the replaced parameters ({new: (old, dim, kept)}, possibly
+        empty when parameters only disappeared), or None when no parameter was replaced or removed."""
+        return None
+
+    def on_epoch_end(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
+        """Record after epoch ``ctx.epoch`` (must not change the model); return the new state or None."""
+        return None
+
+    def on_fit_end(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
+        """Record at the end of the fit (must not change the model); return the new state or None."""
+        return None
 
 
 def freeze(model: nn.Module) -> None:

@@ -1,15 +1,21 @@
 """Heart-LoRA: LoRA on q and v whose least responsive attention heads are deactivated after a warm-up.
 
-Follows the appendix (Alg. 1, appendices A, B, D, E) and JieShibo's LoRA (REFERENCE.md): LoRA on q and v of
-every block, delta scaled by s, dropout 0.1 on the adapter input. Training runs in ONE fit:
+Follows the appendix (Alg. 1, appendices A, B, D, E) and JieShibo's LoRA (the Bi-LoRA / FacT code): LoRA on q
+and v of every block, delta scaled by s, dropout 0.1 on the adapter input. Training runs in ONE fit:
 
 1. warm-up: ``warmup_epochs`` epochs of plain LoRA (all heads active; B starts at zero, so scores taken at
    step 0 would be meaningless);
-2. at the start of epoch ``warmup_epochs`` :class:`HeartCallback` scores every head (:func:`head_scores`) on a
-   fresh pass over the scoring batches (``scoring.n_samples`` first training images, no augmentation, model in
-   eval mode so dropout does not perturb the scores), deactivates the chosen heads (:func:`choose`) by zeroing
-   their rows of the adapter's mask, and training continues with the same optimizer (deactivated B rows stay in
-   it but their gradient is exactly zero, since their output is multiplied by 0).
+2. at the start of epoch ``warmup_epochs`` the training hook (:meth:`HeartLoRA.on_epoch_start`) scores every
+   head (:func:`head_scores`) on a fresh pass over the scoring batches (``scoring.n_samples`` first training
+   images, no augmentation, model in eval mode so dropout does not perturb the scores) and deactivates the chosen
+   heads (:func:`choose`): their rows of every up-projection B are DROPPED (:func:`deactivate_heads`, B shrinks to
+   the active heads' rows; A stays), the optimizer is rebuilt with the survivors' AdamW state carried over, and
+   training continues. Deactivated rows neither train nor drift under weight decay, are not stored in
+   ``task.pt`` and are not counted: ViT-B/16, r = 8, ne = 3 of 12 heads trains 258,048 backbone parameters
+   (A 147,456 + B 110,592), not LoRA's 294,912.
+
+``protocol=paper`` reports the best test accuracy from the deactivation epoch on (:meth:`first_reportable_epoch`),
+never an epoch of the warm-up, when all heads were still active (with ``ne=0`` every epoch counts).
 
 Choices where the appendix is silent (all in ``conf/method/heart_lora.yaml``):
 
@@ -26,7 +32,8 @@ Choices where the appendix is silent (all in ``conf/method/heart_lora.yaml``):
   globally", of Alg. 1's mask ``mask[:, :, i, :, :] = 0`` (a head index without a layer index), of ne in
   {1..11} for 12-head ViT-B, and of appendix B (accumulation restricted to layers with the same head count).
   ``layer`` (Heart-LoRA†): the ne lowest heads of each layer. ``pooled`` (our extra variant): ne x L (layer,
-  head) pairs chosen over all layers at once (so layers get different counts; ties broken by layer order).
+  head) pairs chosen over all layers at once (so layers get different counts; ties broken by layer order; a layer
+  that loses every head also freezes its A, which then no longer reaches the output).
 * Hierarchical backbones (Swin): ``ratio`` (appendix B) sets ne = floor(ratio * H + 0.5) per group of blocks with
   the same head count H (Swin-B ratio 0.25 -> {1, 2, 4, 8}); accumulation is restricted to each group.
 """
@@ -34,20 +41,16 @@ Choices where the appendix is silent (all in ``conf/method/heart_lora.yaml``):
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from peftbench.backbones import anatomy
-from peftbench.callbacks import MethodStateSaver
 from peftbench.layers.head_lora import HeadLoRALinear
-from peftbench.methods.base import Method, State, freeze
+from peftbench.methods.base import Method, ParamMap, State, TrainingContext, freeze
 
 SCORES = ("taylor", "weight_norm", "grad_norm", "front", "random")
 GRANULARITIES = ("global", "layer", "pooled")
@@ -220,20 +223,57 @@ class HeartLoRA(Method):
                 block.linear(self.targets[0]), self.rank, rows, block.num_heads, scale=self.scale, dropout=self.dropout
             )
             block.set_linear(self.targets[0], layer)
-        apply_mask(model, state.get("deactivated", {}))
+        deactivate_heads(model, state.get("deactivated", {}))  # a resumed run: the shrunken shapes
 
-    def callbacks(self) -> list:
-        return [HeartCallback(self)]
-
-    def deactivate(self, model: nn.Module, state: State, batches: Callable[[], Iterable] | None) -> None:
-        """Score the heads, choose, apply the mask and record it in ``state`` (in place)."""
+    def choose_heads(self, model: nn.Module, state: State, batches: Callable[[], Iterable] | None) -> State:
+        """Score the heads and choose the ones to deactivate; return the new state (the model is left as found)."""
         if self.score in ("taylor", "grad_norm") and batches is None:
             raise ValueError(f"Heart-LoRA score={self.score} needs training batches (a datamodule)")
         scores = head_scores(model, self.score, batches() if batches is not None else None, self.seed)
-        state["scores"] = scores
-        state["deactivated"] = choose(scores, state["ne"], self.granularity)
-        state["selected"] = True
-        apply_mask(model, state["deactivated"])
+        deactivated = choose(scores, state["ne"], self.granularity)
+        return {**state, "scores": scores, "deactivated": deactivated, "selected": True}
+
+    def deactivate(self, model: nn.Module, state: State, batches: Callable[[], Iterable] | None) -> ParamMap:
+        """Score, choose and deactivate in one go, recording the choice in ``state`` (in place; outside a fit).
+
+        Returns the replaced B parameters (see :func:`deactivate_heads`): an optimizer holding the old ones must be
+        rebuilt (:func:`peftbench.callbacks.carry_optimizer_state`).
+        """
+        new = self.choose_heads(model, state, batches)
+        mapping = deactivate_heads(model, new["deactivated"])
+        state.update(new)
+        return mapping
+
+    # --- training hooks (driven by peftbench.callbacks.MethodHooks) --------------------------------------------
+    def on_epoch_start(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
+        """At the start of epoch ``warmup_epochs`` (once; resume-safe): score the heads and choose."""
+        if state.get("selected") or ctx.epoch < self.warmup_epochs:
+            return None
+        new = self.choose_heads(model, state, ctx.batches)
+        new["epoch"] = int(ctx.epoch)
+        ctx.info(
+            f"Heart-LoRA: epoch {ctx.epoch}: deactivated {sum(len(v) for v in new['deactivated'].values())} heads "
+            f"({self.score}, {self.granularity}): {new['deactivated']}"
+        )
+        return new
+
+    def update(self, model: nn.Module, old: State, new: State) -> ParamMap | None:
+        """Deactivate ``new``'s heads: their B rows are dropped (the mapping carries the survivors' AdamW state)."""
+        return deactivate_heads(model, new["deactivated"]) or None
+
+    def first_reportable_epoch(self, state: State) -> int:
+        """The epoch the heads were deactivated at (0 with ne = 0; past the fit when it ended before)."""
+        if not any(state.get("ne", {}).values()):
+            return 0
+        return int(state["epoch"]) if state.get("selected") else self.warmup_epochs
+
+    def on_fit_end(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
+        if not state.get("selected"):
+            ctx.warn(
+                f"Heart-LoRA: the fit ended ({ctx.max_epochs} epochs) before epoch warmup_epochs="
+                f"{self.warmup_epochs}; no head was deactivated"
+            )
+        return None
 
     def describe(self, state: State) -> dict[str, Any]:
         return {
@@ -249,52 +289,15 @@ class HeartLoRA(Method):
         }
 
 
-def apply_mask(model: nn.Module, deactivated: dict[str, list[int]]) -> None:
-    """Set every head layer's mask from {layer path: deactivated heads} (absent layers: all heads active)."""
-    for name, layer in head_layers(model).items():
-        layer.set_heads(deactivated.get(name, []))
+def deactivate_heads(model: nn.Module, deactivated: dict[str, list[int]]) -> ParamMap:
+    """Drop the B rows of {layer path: deactivated heads} in every head layer (absent layers: none).
 
-
-class HeartCallback(L.Callback):
-    """Deactivates heads at the start of epoch ``warmup_epochs`` (once; resume-safe via ``method_state``).
-
-    Acting at an epoch START keeps every checkpoint (saved at epoch ends) consistent with the method state, which
-    is re-saved to ``method_state.pt`` with every checkpoint so a resumed run re-applies the mask. Under DDP rank
-    0's choice is broadcast.
+    Returns {new B: (old B, 1, kept rows)} for every B that was replaced (for optimizer-state carry-over).
     """
-
-    def __init__(self, method: HeartLoRA) -> None:
-        self.method = method
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.method.warmup_epochs:
-            rank_zero_warn(
-                f"Heart-LoRA: max_epochs={trainer.max_epochs} <= warmup_epochs={self.method.warmup_epochs}; "
-                "no head will be deactivated"
-            )
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        state = pl_module.method_state
-        if state.get("selected") or trainer.current_epoch < self.method.warmup_epochs:
-            return
-        start = time.perf_counter()
-        self.method.deactivate(pl_module.model, state, pl_module.scoring_batches())
-        state["epoch"] = int(trainer.current_epoch)
-        if trainer.world_size > 1:
-            chosen = trainer.strategy.broadcast({k: state[k] for k in ("scores", "deactivated")}, src=0)
-            state.update(chosen)
-            apply_mask(pl_module.model, state["deactivated"])
-        pl_module.scoring_seconds += time.perf_counter() - start  # results.json timings: scoring_s, not training_s
-        rank_zero_info(
-            f"Heart-LoRA: epoch {trainer.current_epoch}: deactivated "
-            f"{sum(len(v) for v in state['deactivated'].values())} heads ({self.method.score}, "
-            f"{self.method.granularity}): {state['deactivated']}"
-        )
-
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        """Keep ``method_state.pt`` (what a resumed run re-applies) in step with the checkpoint's mask."""
-        if trainer.is_global_zero:
-            for callback in trainer.callbacks:
-                if isinstance(callback, MethodStateSaver) and callback.path.exists():
-                    torch.save(pl_module.method_state, callback.path)
+    mapping: ParamMap = {}
+    for name, layer in head_layers(model).items():
+        replaced = layer.set_heads(deactivated.get(name, []))
+        if replaced is not None:
+            old, kept_rows = replaced
+            mapping[layer.lora_B] = (old, 1, kept_rows)
+    return mapping

@@ -2,19 +2,33 @@
 
 Every block gets a sequential bottleneck adapter after attention (wrapping ``proj``) and after the MLP (wrapping
 ``fc2``), of hidden width n_i = round(m_i / sigma0) (or a fixed ``n0``). Training runs in cycles inside ONE
-Lightning fit; at each cycle boundary (an epoch start) :class:`TinaCallback` scores every hidden neuron, removes
-the lowest-scored ones, really shrinks the adapters' Linear layers (survivors keep their weights and their AdamW
-state), removes adapters left without neurons, and rebuilds the optimizer and scheduler for the new parameters.
+Lightning fit; at each cycle boundary (an epoch start) the training hooks (:meth:`Tina.on_epoch_start`,
+:meth:`Tina.update`, driven by :class:`peftbench.callbacks.MethodHooks`) score every hidden neuron, remove
+the lowest-scored ones and really shrink the adapters' Linear layers (survivors keep their weights and their AdamW
+state; adapters left without neurons are removed); the callback then rebuilds the optimizer and scheduler.
 
-Score (Eq. 2, authors' code), neuron j of an adapter with input width m and hidden width n:
-    I_j  = (sum_k |W_down[j, k]| + sum_k |W_up[k, j]|) / (m + n)          (``score=tina``)
-    I0_j = the same without the 1/(m + n) factor                            (``score=i0``)
-    L1_j = sum_k |W_down[j, k]|  (vanilla L1, down row only)              (``score=l1_down``)
-    A_j  = mean over scoring images and tokens of |act(down(h))_j|          (``score=activation``, Table 3's
-           L1(a): computed in eval mode on the run's scoring batches, ``scoring.n_samples`` training images)
-With ``normalize=true`` (authors' code) each adapter's scores are divided by their max before the GLOBAL
-threshold; the 1/(m + n) factor is then constant per adapter and cancels, so ``score=i0`` equals ``score=tina``
-unless ``normalize=false`` (Table 3's I0 row is best reproduced with ``score=i0 normalize=false``).
+Score of neuron j of an adapter with input (and output) width m and hidden width n (Sec. 3.3, Table 3):
+    I0_j = sum_k |W_down[j, k]| + sum_k |W_up[k, j]|     (L1 of its down row + up column)    (``score=i0``)
+    I_j  = I0_j / (2 m)       the authors' code (``--scaling 1``): divided by the number of summed weights, the
+                              paper's "normalized by the total number in the sums"; the default   (``score=tina``)
+    I_j  = I0_j / (n + m)     Eq. 2 as printed (its up-sum runs to n_i: a typo for m_i)       (``score=tina_eq2``)
+    L1_j = sum_k |W_down[j, k]|   (Table 3's "Vanilla L1": down row only)                   (``score=l1_down``)
+    A_j  = mean over scoring images and tokens of |act(down(h))_j|   (Table 3's L1(a): eval mode, the run's
+           scoring batches, ``scoring.n_samples`` training images)                          (``score=activation``)
+The main tables' TINA is "Global, I, iterative, scaling": ``score=tina selection=global schedule=iterative``.
+The scaling only changes a GLOBAL ranking when adapters differ in width: with the code's 2m, I ranks as I0 on a
+plain ViT (one width) and differently on Swin (Table 3's backbone: widths 96 to 768); Eq. 2's n + m also differs
+on a ViT once the hidden widths diverge. ``normalize=true`` (the authors' code's ``--weighted 1``, off in their
+released scripts: ``--weighted 0``) divides each adapter's scores by their max before the global threshold, which
+cancels any per-adapter factor (then ``tina``, ``tina_eq2`` and ``i0`` select the same neurons).
+
+Cycles (Sec. 4): the fit is a sequence of cycles of ``epochs_per_cycle`` epochs (or ``fit_cycles`` equal cycles of
+``trainer.max_epochs``, or by default prunes + 1 cycles); Alg. 1's prunes happen at the starts of cycles 1..P and
+the remaining cycles fine-tune at the final size (the paper's ablation: "training continues for C - 1 cycles").
+With ``lr_restart`` every cycle runs its own warm-up + cosine schedule, the warm-up being ``cycle_warmup`` of the
+cycle (0.2: the paper's 20 warm-up + 80 cosine epochs of every 100-epoch cycle; the authors' code rebuilds its
+scheduler each cycle). ``protocol=paper`` reports the best test accuracy of the LAST cycle only (the paper's "best
+score for the last cycle", Sec. 4.2), with the last cycle's parameter count (:meth:`Tina.first_reportable_epoch`).
 
 Choices where the paper is silent (all in ``conf/method/tina.yaml``):
 - Compression sigma = sum_i m_i / sum_i n_i over every adapter slot (removed adapters count n_i = 0).
@@ -27,39 +41,35 @@ Choices where the paper is silent (all in ``conf/method/tina.yaml``):
 - ``schedule=one_shot``: a single prune at the first boundary straight to the count the iterative schedule ends
   with, then training continues (Table 3's non-iterative rows).
 - An emptied adapter is replaced by its base layer, dropping its ``up`` bias too.
-- ``epochs_per_cycle=null``: max_epochs // (prunes + 1), so the last cycle gets the remaining epochs.
-- ``lr_restart=true`` (default): every cycle runs its own warm-up + cosine schedule (the paper: 20 warm-up + 80
-  cosine epochs per 100-epoch cycle; the authors' code retrains fully per cycle); AdamW moments of the surviving
-  neurons are kept either way. ``false``: one schedule over the whole fit.
+- AdamW moments of the surviving neurons are kept across prunes (the authors' code masks neurons and keeps its
+  optimizer).
 - Every cycle records its parameters, neurons per adapter, last val/acc and its test accuracy (``cycle_test``;
   one evaluation of the test split when the cycle closes; under protocol=paper val/acc already is test).
-- DDP: every rank computes the same prune (weights are in sync; ties broken by a stable sort; activation scores
-  use the same scoring images on every rank), then the DDP wrapper is rebuilt around the shrunken parameters.
+- DDP: rank 0's prune is broadcast and applied on every rank (the ranks compute the same one anyway: weights are
+  in sync, ties broken by a stable sort), then the DDP wrapper is rebuilt around the shrunken parameters.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from peftbench.backbones import anatomy
-from peftbench.callbacks import MethodStateSaver
 from peftbench.layers.adapter import Bottleneck, SequentialAdapter
 from peftbench.methods.adapter import PLACEMENTS, Adapter
-from peftbench.methods.base import State, freeze
+from peftbench.methods.base import ParamMap, State, TrainingContext, freeze
 
-SCORES = ("tina", "i0", "l1_down", "activation")
+log = logging.getLogger(__name__)
+
+SCORES = ("tina", "tina_eq2", "i0", "l1_down", "activation")
 SELECTIONS = ("global", "local")
 SCHEDULES = ("iterative", "one_shot")
-#: new parameter -> (old parameter, dim along which neurons were kept or None for "same tensor", kept indices)
-ParamMap = dict[nn.Parameter, tuple[nn.Parameter, int | None, torch.Tensor | None]]
 
 
 def paper_cycles(sigma0: float, sigma_target: float, rho: float) -> int:
@@ -95,7 +105,9 @@ def neuron_scores(bottleneck: Bottleneck, score: str) -> torch.Tensor:
     i0 = l1_down + up.abs().sum(dim=0)  # (n,)
     if score == "i0":
         return i0
-    if score == "tina":
+    if score == "tina":  # the authors' code: over the 2m summed weights (m in the down row, m in the up column)
+        return i0 / (down.shape[1] + up.shape[0])
+    if score == "tina_eq2":  # Eq. 2 as printed: over n_i + m_i
         return i0 / (bottleneck.n_in + bottleneck.n)
     raise ValueError(f"unknown TINA score {score!r}; choose from {SCORES} (activation needs data)")
 
@@ -183,26 +195,6 @@ def prune(model: nn.Module, kept: dict[str, torch.Tensor]) -> ParamMap:
     return mapping
 
 
-def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer, mapping: ParamMap) -> None:
-    """Copy ``old``'s per-parameter state (exp_avg, exp_avg_sq, step) and group settings (lr, ...) into ``new``.
-
-    Shrunken parameters get the kept slices of their predecessor's state; untouched ones their own state.
-    """
-    for g_old, g_new in zip(old.param_groups, new.param_groups, strict=True):
-        g_new.update({k: v for k, v in g_old.items() if k != "params"})
-        for p in g_new["params"]:
-            src, dim, idx = mapping.get(p, (p, None, None))
-            state = old.state.get(src)
-            if not state:
-                continue
-            copied = {}
-            for key, value in state.items():
-                if dim is not None and torch.is_tensor(value) and value.shape == src.shape:
-                    value = value.index_select(dim, idx.to(value.device))
-                copied[key] = value.clone() if torch.is_tensor(value) else value
-            new.state[p] = copied
-
-
 def trainable_counts(model: nn.Module) -> dict[str, int]:
     """Trainable parameters of the backbone (adapters) and of the head."""
     head_ids = {id(p) for p in anatomy.head(model).parameters()}
@@ -219,12 +211,18 @@ class Tina(Adapter):
         n0: fixed initial hidden width of every adapter (the authors' code uses 256).
         sigma_target: the compression sum(m) / sum(n) at which pruning stops.
         rho: fraction of the remaining neurons removed per prune (compounding).
-        score: ``tina`` (Eq. 2), ``i0`` (no 1/(m+n)), ``l1_down`` (vanilla L1 of the down row).
+        score: ``tina`` (the authors' code: over 2m), ``tina_eq2`` (Eq. 2 as printed: over n + m), ``i0`` (no
+            scaling), ``l1_down`` (vanilla L1 of the down row), ``activation`` (mean |hidden activation|).
         selection: ``global`` (one threshold over all adapters) or ``local`` (same fraction per adapter).
         schedule: ``iterative`` (Alg. 1) or ``one_shot`` (a single prune to the final count).
-        normalize: divide each adapter's scores by their max before the global threshold (authors' code).
-        epochs_per_cycle: epochs between prunes (null: max_epochs // (prunes + 1)).
+        normalize: divide each adapter's scores by their max before the global threshold (the authors' code's
+            ``--weighted 1``; off in their released scripts and by default).
+        epochs_per_cycle: epochs per cycle (takes precedence over ``fit_cycles``).
+        fit_cycles: the fit is this many equal cycles of max_epochs // fit_cycles epochs, the last taking the
+            rest (null, with ``epochs_per_cycle`` null: prunes + 1 cycles).
         lr_restart: restart warm-up + cosine at every cycle (paper) instead of one schedule over the fit.
+        cycle_warmup: warm-up fraction of every cycle under ``lr_restart`` (0.2: the paper's 20 of 100 epochs;
+            null: the scheduler's own share, ``scheduler.warmup_epochs / trainer.max_epochs``).
         cycle_test: evaluate the test split at the end of every cycle (recorded in ``selection.cycles``).
         act, dropout: as for :class:`~peftbench.methods.adapter.Adapter`.
     """
@@ -238,9 +236,11 @@ class Tina(Adapter):
         score: str = "tina",
         selection: str = "global",
         schedule: str = "iterative",
-        normalize: bool = True,
+        normalize: bool = False,
         epochs_per_cycle: int | None = None,
+        fit_cycles: int | None = None,
         lr_restart: bool = True,
+        cycle_warmup: float | None = 0.2,
         cycle_test: bool = True,
         act: str = "gelu",
         dropout: float = 0.0,
@@ -257,8 +257,16 @@ class Tina(Adapter):
                 raise ValueError(f"unknown TINA {what} {value!r}; choose from {allowed}")
         self.sigma0, self.n0, self.sigma_target, self.rho = float(sigma0), n0, float(sigma_target), float(rho)
         self.score, self.selection, self.schedule, self.normalize = score, selection, schedule, bool(normalize)
-        self.epochs_per_cycle = epochs_per_cycle
+        for value, what in ((epochs_per_cycle, "epochs_per_cycle"), (fit_cycles, "fit_cycles")):
+            if value is not None and int(value) < 1:
+                raise ValueError(f"TINA {what} must be >= 1 (or null), got {value}")
+        if cycle_warmup is not None and not 0 <= cycle_warmup < 1:
+            raise ValueError(f"TINA cycle_warmup must be in [0, 1) (or null), got {cycle_warmup}")
+        self.epochs_per_cycle = int(epochs_per_cycle) if epochs_per_cycle else None
+        self.fit_cycles = int(fit_cycles) if fit_cycles else None
         self.lr_restart, self.cycle_test = bool(lr_restart), bool(cycle_test)
+        self.cycle_warmup = None if cycle_warmup is None else float(cycle_warmup)
+        self.restart_warmup = self.cycle_warmup if self.lr_restart else None  # read by the schedule
 
     @property
     def name(self) -> str:
@@ -297,16 +305,28 @@ class Tina(Adapter):
             steps = [steps[-1]]
         return steps
 
-    def cycle_epochs(self, state: State, max_epochs: int) -> int:
-        """Epochs per cycle: ``epochs_per_cycle`` or max_epochs // (prunes + 1) (the last cycle takes the rest)."""
-        return self.epochs_per_cycle or max(1, max_epochs // (len(self.plan(state)) + 1))
+    def cycle_starts(self, state: State, max_epochs: int) -> list[int]:
+        """The epochs at which the fit's cycles start, [0, E, 2E, ...] (below ``max_epochs``).
+
+        E = ``epochs_per_cycle`` (cycles of E epochs until the fit ends), else max_epochs // N for N =
+        ``fit_cycles`` or prunes + 1 cycles, the last cycle taking the remaining epochs.
+        """
+        if self.epochs_per_cycle:
+            return list(range(0, max_epochs, self.epochs_per_cycle))
+        cycles = self.fit_cycles or len(self.plan(state)) + 1
+        every = max(1, max_epochs // cycles)
+        return [k * every for k in range(cycles) if k * every < max_epochs]
 
     def schedule_restarts(self, state: State | None, max_epochs: int) -> list[int]:
         """With ``lr_restart``: the epochs at which a new cycle (and its warm-up + cosine) starts."""
         if not self.lr_restart or not state:
             return []
-        every = self.cycle_epochs(state, max_epochs)
-        return [every * (k + 1) for k in range(len(self.plan(state))) if every * (k + 1) < max_epochs]
+        return self.cycle_starts(state, max_epochs)[1:]
+
+    def first_reportable_epoch(self, state: State) -> int:
+        """The first epoch of the last cycle that ran: the paper reports "the best score for the last cycle"."""
+        cycles = state.get("cycles") or []
+        return int(cycles[-1]["start_epoch"]) if cycles else 0
 
     # --- Method interface --------------------------------------------------------------------------
     def select(self, model: nn.Module, scores: dict[str, torch.Tensor] | None) -> State:
@@ -316,11 +336,13 @@ class Tina(Adapter):
                 if target in block.targets():
                     name = block.linear_path(target)
                     width[name], initial[name] = block.dim, self.hidden(block.dim)
-        state: State = {"width": width, "initial": initial, "neurons": dict(initial), "prunes": 0, "cycles": []}
+        state: State = {
+            "width": width, "initial": initial, "neurons": dict(initial), "prunes": 0, "cycle": 0, "cycles": [],
+        }
         # the formula with the realised initial compression (differs from sigma0 by rounding, or when n0 is set)
         state["cycles_formula"] = paper_cycles(self.compression(state), self.sigma_target, self.rho)
         state["prunes_planned"] = len(self.plan(state))
-        rank_zero_info(
+        log.info(
             f"TINA: {len(width)} adapters, {sum(initial.values())} neurons (sigma {self.compression(state):.1f}); "
             f"paper formula C = {state['cycles_formula']} cycles; Alg. 1 prunes {state['prunes_planned']} times "
             f"({self.schedule}, {self.selection}, score {self.score}) to reach sigma {self.sigma_target:g}"
@@ -339,15 +361,14 @@ class Tina(Adapter):
                     adapter = Bottleneck(block.dim, n, self.act, self.dropout, device=w.device, dtype=w.dtype)
                     block.set_linear(target, SequentialAdapter(layer, adapter))
 
-    def callbacks(self) -> list:
-        return [TinaCallback(self)]
-
     def describe(self, state: State) -> dict[str, Any]:
         return {
             "score": self.score,
             "selection": self.selection,
             "schedule": self.schedule,
+            "normalize": self.normalize,
             "lr_restart": self.lr_restart,
+            "cycle_warmup": self.restart_warmup,
             "rho": self.rho,
             "sigma0": self.sigma0,
             "n0": self.n0,
@@ -375,80 +396,76 @@ class Tina(Adapter):
             return select_local(scores, {k: min(target[k], len(s)) for k, s in scores.items()})
         return select_global(scores, min(int(target), sum(len(s) for s in scores.values())), self.normalize)
 
-
-class TinaCallback(L.Callback):
-    """Runs TINA's cycles: at the start of every ``epochs_per_cycle``-th epoch, prune and rebuild the optimizer.
-
-    Pruning at an epoch START keeps every checkpoint (saved at epoch ends) consistent with the method state,
-    which is re-saved to ``method_state.pt`` with every checkpoint so a resumed run rebuilds the pruned shapes.
-    Per-cycle records (neurons per adapter, parameters, last val/acc) go into ``method_state["cycles"]``.
-    """
-
-    def __init__(self, method: Tina) -> None:
-        self.method = method
-        self.steps: list = []  # prune targets (plan)
-        self.every = 1  # epochs per cycle
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        state = pl_module.method_state
-        self.steps = self.method.plan(state)
-        self.every = self.method.cycle_epochs(state, trainer.max_epochs)
-        if len(self.steps) * self.every >= trainer.max_epochs:
-            rank_zero_info(
-                f"TINA: {trainer.max_epochs} epochs fit fewer than {len(self.steps)} prunes "
-                f"every {self.every} epochs; sigma_target will not be reached"
+    # --- training hooks (driven by peftbench.callbacks.MethodHooks) --------------------------------------------
+    def on_epoch_start(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
+        """At a cycle start: close the cycle that just ended (record, test accuracy) and, while Alg. 1 still has
+        prunes to do, choose the next one. The chosen neurons travel in the new state's ``pending_prune``
+        (consumed by :meth:`update`)."""
+        starts = self.cycle_starts(state, ctx.max_epochs)
+        if ctx.epoch == 0 or ctx.epoch not in starts or starts.index(ctx.epoch) <= state.get("cycle", state["prunes"]):
+            return None  # not a cycle start, or one already begun (a resumed run)
+        new = copy.deepcopy(state)
+        self.record(model, new, ctx, ctx.epoch - 1, close=True)  # close the cycle that just ended
+        new["cycle"] = starts.index(ctx.epoch)
+        steps, done = self.plan(state), state["prunes"]
+        if done < len(steps):
+            kept = self.choose(model, steps[done], ctx.batches)
+            new["pending_prune"] = {k: v.tolist() for k, v in kept.items()}
+            left = {k: len(kept.get(k, [])) for k in state["width"]}
+            ctx.info(
+                f"TINA: cycle {new['cycle']}, prune {done + 1}/{len(steps)} at epoch {ctx.epoch}: "
+                f"{sum(left.values())} neurons left, sigma {self.compression(state, left):.1f}"
             )
+        return new
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        state = pl_module.method_state
-        epoch, done = trainer.current_epoch, state["prunes"]  # prunes already applied (resume-safe)
-        if done >= len(self.steps) or epoch != (done + 1) * self.every:
-            return
-        self.record(trainer, pl_module, epoch - 1, close=True)  # close the cycle that just ended
-        kept = self.method.choose(pl_module.model, self.steps[done], pl_module.scoring_batches())
-        mapping = prune(pl_module.model, kept)
-        live = adapters(pl_module.model)
-        state["neurons"] = {k: live[k].adapter.n if k in live else 0 for k in state["width"]}
-        state["prunes"] = done + 1
-        if trainer.world_size > 1:
-            rewrap_ddp(trainer)
-        rebuild_optimizer(trainer, pl_module, mapping)
-        rank_zero_info(
-            f"TINA: prune {done + 1}/{len(self.steps)} at epoch {epoch}: "
-            f"{sum(state['neurons'].values())} neurons left, sigma {self.method.compression(state):.1f}"
-        )
+    def update(self, model: nn.Module, old: State, new: State) -> ParamMap | None:
+        """Apply ``new["pending_prune"]``: shrink the adapters; the mapping carries the survivors' AdamW state."""
+        pending = new.pop("pending_prune", None)
+        if pending is None:
+            return None
+        mapping = prune(model, {k: torch.tensor(v, dtype=torch.long) for k, v in pending.items()})
+        live = adapters(model)
+        new["neurons"] = {k: live[k].adapter.n if k in live else 0 for k in new["width"]}
+        new["prunes"] = old["prunes"] + 1
+        return mapping
 
+    def on_epoch_end(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
+        """Update the running cycle's record (parameters, last val/acc)."""
+        new = copy.deepcopy(state)
+        self.record(model, new, ctx, ctx.epoch)
+        return new
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
-            self.record(trainer, pl_module, trainer.current_epoch)
+    def on_fit_end(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
+        """Close the last cycle (record, test accuracy); warn when the fit was too short for every prune."""
+        planned = len(self.plan(state))
+        if state["prunes"] < planned:
+            ctx.warn(
+                f"TINA: {ctx.max_epochs} epochs fit only {state['prunes']} of {planned} prunes; "
+                f"sigma_target {self.sigma_target:g} was not reached"
+            )
+        new = copy.deepcopy(state)
+        self.record(model, new, ctx, ctx.epoch, close=True)
+        return new
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.record(trainer, pl_module, trainer.current_epoch - 1, close=True)
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        """Keep ``method_state.pt`` (what a resumed run re-applies) in step with the checkpoint's shapes."""
-        if trainer.is_global_zero:
-            for callback in trainer.callbacks:
-                if isinstance(callback, MethodStateSaver) and callback.path.exists():
-                    torch.save(pl_module.method_state, callback.path)
-
-    def record(self, trainer: L.Trainer, pl_module: L.LightningModule, end_epoch: int, close: bool = False) -> None:
-        """Write (or update) the current cycle's entry: its configuration, parameters, last val/acc and, when the
-        cycle closes (prune or end of fit), its test accuracy."""
-        state = pl_module.method_state
-        acc = trainer.callback_metrics.get("val/acc")
+    def record(self, model: nn.Module, state: State, ctx: TrainingContext, end_epoch: int, close: bool = False) -> None:
+        """Write (or update) the current cycle's entry of ``state["cycles"]`` (in place): its configuration,
+        parameters, last val/acc and, when the cycle closes (prune or end of fit), its test accuracy."""
+        acc = ctx.metrics.get("val/acc")
+        cycle = state.get("cycle", state["prunes"])
+        starts = self.cycle_starts(state, ctx.max_epochs)
         entry = {
-            "cycle": state["prunes"],
+            "cycle": cycle,
+            "start_epoch": starts[min(cycle, len(starts) - 1)],
             "end_epoch": int(end_epoch),
+            "prunes": state["prunes"],
             "neurons": dict(state["neurons"]),
-            "sigma": self.method.compression(state),
-            **trainable_counts(pl_module.model),
-            "val_acc": None if acc is None else float(acc),
+            "sigma": self.compression(state),
+            **trainable_counts(model),
+            "val_acc": acc,
             "test_acc": None,
         }
-        if close and self.method.cycle_test and trainer.datamodule is not None:
-            entry["test_acc"] = test_accuracy(trainer, pl_module)
+        if close and self.cycle_test and ctx.evaluate is not None:
+            entry["test_acc"] = ctx.evaluate("test")
         cycles = state["cycles"]
         if cycles and cycles[-1]["cycle"] == entry["cycle"]:
             for key in ("val_acc", "test_acc"):  # e.g. right after a resume: keep the cycle's last known numbers
@@ -457,40 +474,3 @@ class TinaCallback(L.Callback):
             cycles[-1] = entry
         else:
             cycles.append(entry)
-
-
-@torch.no_grad()
-def test_accuracy(trainer: L.Trainer, pl_module: L.LightningModule) -> float:
-    """Top-1 accuracy of the current model on the test split (eval mode, the run's precision; mode restored).
-    Under DDP every rank evaluates the whole split (the numbers agree)."""
-    datamodule = trainer.datamodule
-    was_training = pl_module.training
-    pl_module.eval()
-    correct = total = 0
-    with trainer.precision_plugin.forward_context():
-        for batch in datamodule.test_dataloader():
-            images, labels = datamodule.on_after_batch_transfer(
-                [t.to(pl_module.device) for t in batch], 0
-            )
-            correct += int((pl_module(images).argmax(-1) == labels).sum())
-            total += len(labels)
-    pl_module.train(was_training)
-    return correct / max(1, total)
-
-
-def rewrap_ddp(trainer: L.Trainer) -> None:
-    """Re-create the DistributedDataParallel wrapper after parameters were replaced (its buckets hold the old ones)."""
-    strategy = trainer.strategy
-    strategy.model = strategy.lightning_module  # drop the old wrapper
-    strategy.configure_ddp()
-
-
-def rebuild_optimizer(trainer: L.Trainer, pl_module: L.LightningModule, mapping: ParamMap) -> None:
-    """Re-run ``configure_optimizers`` for the shrunken parameters; carry optimizer and scheduler state over."""
-    old_opt = trainer.strategy.optimizers[0]
-    old_scheds = [c.scheduler for c in trainer.strategy.lr_scheduler_configs]
-    trainer.strategy.setup_optimizers(trainer)  # sets strategy.optimizers (+ Lightning wrappers) and schedulers
-    new_opt = trainer.strategy.optimizers[0]
-    for old_s, config in zip(old_scheds, trainer.strategy.lr_scheduler_configs, strict=True):
-        config.scheduler.load_state_dict(old_s.state_dict())
-    carry_optimizer_state(old_opt, new_opt, mapping)  # after the scheduler, so group lr is the old one
