@@ -178,7 +178,7 @@ def test_end_to_end_and_resume(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         go("resumed", *crash)
     assert torch.load(tmp_path / "resumed" / "method_state.pt", weights_only=True)["selected"]
-    resumed = go("resumed", "resume=true")
+    resumed = go("resumed", *crash, "resume=true")  # the same overrides; epoch 1 is past
     assert resumed["selection"] == sel
     assert resumed["metrics"] == record["metrics"]
     a, b = (

@@ -302,7 +302,7 @@ def test_resume_mid_cycles_matches_uninterrupted(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         go("resumed", *crash)
     assert torch.load(tmp_path / "resumed" / "method_state.pt", weights_only=True)["prunes"] == 1
-    resumed = go("resumed", "resume=true")
+    resumed = go("resumed", *crash, "resume=true")  # the same overrides; epoch 1 is past
     assert resumed["selection"] == straight["selection"]
     assert resumed["metrics"] == straight["metrics"]
     a, b = (

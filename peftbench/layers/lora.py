@@ -38,7 +38,7 @@ class LoRALinear(MergeableWrapper):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        check_range("dropout", dropout, 0.0, 1.0, high_open=True)
+        check_range("dropout", dropout, 0.0, 1.0)
         self.base_layer = base_layer
         self.rank, self.scale = rank, float(scale)
         n_in, n_out = base_layer.in_features, base_layer.out_features

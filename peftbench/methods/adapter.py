@@ -48,7 +48,7 @@ class Adapter(Method):
         if sigma is not None and sigma <= 0:
             raise ValueError(f"adapter compression ratio sigma must be > 0, got {sigma}")
         check_range("method.n", n, 1, integer=True)  # a width-0 adapter trains nothing but the head
-        check_range("method.dropout", dropout, 0.0, 1.0, high_open=True)
+        check_range("method.dropout", dropout, 0.0, 1.0)
         self.n, self.sigma, self.placement = int(n), sigma, placement
         self.act, self.dropout = act, float(dropout)
 

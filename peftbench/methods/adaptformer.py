@@ -32,7 +32,7 @@ class AdaptFormer(Method):
 
     def __init__(self, n: int = 64, scale: float = 0.1, dropout: float = 0.1) -> None:
         check_range("method.n", n, 1, integer=True)
-        check_range("method.dropout", dropout, 0.0, 1.0, high_open=True)
+        check_range("method.dropout", dropout, 0.0, 1.0)
         self.n, self.scale, self.dropout = int(n), float(scale), float(dropout)
 
     def apply(self, model: nn.Module, state: State) -> None:

@@ -42,7 +42,7 @@ class LoRA(Method):
         fused_qkv: bool = False,
     ) -> None:
         check_range("method.rank", rank, 1, integer=True)
-        check_range("method.dropout", dropout, 0.0, 1.0, high_open=True)
+        check_range("method.dropout", dropout, 0.0, 1.0)
         self.rank, self.targets, self.dropout, self.fused_qkv = int(rank), tuple(targets), float(dropout), fused_qkv
         self.scale = float(alpha) / self.rank if alpha is not None else float(scale)
 

@@ -128,7 +128,7 @@ class VPT(Method):
     def __init__(self, tokens: int = 10, deep: bool = False, dropout: float = 0.1) -> None:
         if int(tokens) < 1:
             raise ValueError(f"vpt: tokens must be >= 1, got {tokens}")
-        check_range("method.dropout", dropout, 0.0, 1.0, high_open=True)
+        check_range("method.dropout", dropout, 0.0, 1.0)
         self.tokens, self.deep, self.dropout = int(tokens), bool(deep), float(dropout)
 
     @property
