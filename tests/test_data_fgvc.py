@@ -94,7 +94,7 @@ def test_errors_name_the_file(cub, tmp_path):
     with pytest.raises(DataError, match="hold 4 classes, num_classes is 5"):
         FGVCTask("cub", task.root, 5).load_split("train", 8)
     (task.root / "val.json").write_text("{not json")
-    with pytest.raises(DataError, match=r"val\.json is not valid json"):
+    with pytest.raises(DataError, match=r"val\.json is not valid UTF-8 json"):
         FGVCTask("cub", task.root, 4).load_split("train", 8)
     (task.root / "val.json").unlink()
     with pytest.raises(DataError, match=r"val\.json not found"):

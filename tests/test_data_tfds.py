@@ -35,6 +35,16 @@ def test_table_covers_the_19_tasks():
     assert VTAB_TFDS["clevr_count"].test == Slice("validation")  # CLEVR's test split has no labels
 
 
+@pytest.mark.parametrize("task", list(VTAB_TFDS))
+def test_every_builder_version_constructs_with_the_installed_tfds(task, tmp_path):
+    """The pinned name/config:version must exist in this TFDS (oxford_iiit_pet 3.x does not: 4.x; kitti 3.1.0)."""
+    tfds.builder(VTAB_TFDS[task].builder, data_dir=str(tmp_path))  # offline: constructs, downloads nothing
+
+
+def test_kitti_is_pinned_as_task_adaptation_pins_it():
+    assert VTAB_TFDS["kitti"].builder == "kitti:3.1.0"
+
+
 def test_clevr_labels():
     count = ClevrCount()
     assert [count(_clevr([9.0] * k)) for k in (3, 5, 10)] == [0, 2, 7]

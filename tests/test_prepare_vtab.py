@@ -50,6 +50,7 @@ def test_png_round_trip_is_pixel_exact(prepare, tmp_path):
         assert prepare.main(["--tasks", "smallnorb_azi", "--out", str(tmp_path), "--image-format", "png"]) == 0
         folder = tmp_path / "vtab-1k" / "smallnorb_azi"
         assert (folder / "images" / "test" / "000000.png").is_file()
+        assert (folder / "images" / "train800val200" / "000004.png").is_file()  # val200 follows train800's 4
         from_folder = VTABTask("smallnorb_azi", folder, 18, cache=False).load_split("val200", 10)
         from_tfds = TFDSTask("smallnorb_azi", cache=False).load_split("val200", 10)
     assert torch.equal(from_folder.images, from_tfds.images) and torch.equal(from_folder.labels, from_tfds.labels)
@@ -59,3 +60,32 @@ def test_unknown_task_is_one_error_line(prepare, tmp_path, capsys):
     assert prepare.main(["--tasks", "imagenet", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown VTAB-1k task 'imagenet'" in err
+
+
+def test_the_distributed_layout_train800val200_folder(prepare, tmp_path):
+    """As the commonly distributed VTAB-1k release: train800 and val200 images share images/train800val200/."""
+    with tfds.testing.mock_data(num_examples=5):
+        assert prepare.main(["--tasks", "dtd", "--out", str(tmp_path)]) == 0
+    folder = tmp_path / "vtab-1k" / "dtd"
+    assert sorted(p.name for p in (folder / "images").iterdir()) == ["test", "train800val200"]
+    train = (folder / "train800.txt").read_text().splitlines()
+    val = (folder / "val200.txt").read_text().splitlines()
+    assert [line.split()[0] for line in train + val] == [
+        f"images/train800val200/{i:06d}.jpg" for i in range(len(train) + len(val))
+    ]
+
+
+def test_one_failing_task_does_not_stop_the_others(prepare, tmp_path, capsys, monkeypatch):
+    real = prepare.prepare_builder
+
+    def flaky(builder, data_dir):
+        if builder.startswith("oxford_iiit_pet"):
+            raise AssertionError(f'Failed to construct dataset "{builder}"')
+        return real(builder, data_dir)
+
+    monkeypatch.setattr(prepare, "prepare_builder", flaky)
+    with tfds.testing.mock_data(num_examples=3):
+        status = prepare.main(["--tasks", "oxford_iiit_pet,svhn,dtd", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 1 and "1 of 3 task(s) failed" in err and "oxford_iiit_pet: DataError" in err
+    assert all((tmp_path / "vtab-1k" / task / "test.txt").is_file() for task in ("svhn", "dtd"))

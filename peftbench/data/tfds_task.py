@@ -138,13 +138,15 @@ class VTABSource:
 _CLEVR, _DSPRITES, _NORB = "clevr:3.*.*", "dsprites:2.*.*", "smallnorb:2.*.*"
 _DSPRITES_TEST = Slice("train", (80, 10))  # dSprites has only a train split: 80% train, 10% val, 10% test
 
-#: VTAB task -> its TFDS source (task_adaptation's builder versions; kitti 3.1.0 is gone from TFDS, so 3.*).
+#: VTAB task -> its TFDS source: task_adaptation's builder versions where the installed TFDS still builds them
+#: (kitti 3.1.0 as task_adaptation pins it); oxford_iiit_pet 3.x is gone from TFDS, 4.0.0 has the same 37 breeds
+#: and splits. tests/test_data_tfds.py checks that every entry constructs with the installed TFDS.
 VTAB_TFDS: dict[str, VTABSource] = {
     "cifar": VTABSource("cifar100:3.*.*", PlainLabel(), _val200_of_train(90)),
     "caltech101": VTABSource("caltech101:3.*.*", PlainLabel(), _val200_of_train(90)),
     "dtd": VTABSource("dtd:3.*.*", PlainLabel(), VAL200_OF_VALIDATION),
     "oxford_flowers102": VTABSource("oxford_flowers102:2.*.*", PlainLabel(), VAL200_OF_VALIDATION),
-    "oxford_iiit_pet": VTABSource("oxford_iiit_pet:3.*.*", PlainLabel(), _val200_of_train(80)),
+    "oxford_iiit_pet": VTABSource("oxford_iiit_pet:4.*.*", PlainLabel(), _val200_of_train(80)),
     "svhn": VTABSource("svhn_cropped:3.*.*", PlainLabel(), _val200_of_train(90)),
     "sun397": VTABSource("sun397/tfds:4.*.*", PlainLabel(), VAL200_OF_VALIDATION),
     "patch_camelyon": VTABSource("patch_camelyon:2.*.*", PlainLabel(), VAL200_OF_VALIDATION),
@@ -156,7 +158,7 @@ VTAB_TFDS: dict[str, VTABSource] = {
     "clevr_count": VTABSource(_CLEVR, ClevrCount(), _val200_of_train(90), Slice("validation")),
     "clevr_dist": VTABSource(_CLEVR, ClevrClosestDistance(), _val200_of_train(90), Slice("validation")),
     "dmlab": VTABSource("dmlab:2.0.1", PlainLabel(), VAL200_OF_VALIDATION),
-    "kitti": VTABSource("kitti:3.*.*", KittiClosestVehicle(), VAL200_OF_VALIDATION),
+    "kitti": VTABSource("kitti:3.1.0", KittiClosestVehicle(), VAL200_OF_VALIDATION),
     "dsprites_loc": VTABSource(
         _DSPRITES, BinnedLabel("label_x_position", 32, 16), _val200_of_train(80), _DSPRITES_TEST, binary_image=True
     ),
