@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -189,6 +190,9 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
     storage = {}
     if trainer.is_global_zero:
         storage["task_file_bytes"] = save_task(module.model, module.method_state, cfg, run_dir / TASK_FILE)
+        checkpoint = run_dir / CHECKPOINT
+        storage["checkpoint_bytes"] = checkpoint.stat().st_size if checkpoint.exists() else 0
+        storage["checkpoint_kept"] = bool(cfg.get("keep_checkpoint", False))
     if trainer.is_global_zero:
         config = {**OmegaConf.to_container(cfg, resolve=True), "params": params, "protocol": cfg.protocol}
         finish(trainer.logger, {f"final/{k}": v for k, v in metrics.items()}, config)
@@ -275,6 +279,8 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             _finish(cfg, run_dir, record)
             raise
         _finish(cfg, run_dir, record)
+        if rank0 and not cfg.get("keep_checkpoint", False):  # a finished run keeps its task file, not the checkpoint
+            shutil.rmtree(run_dir / CHECKPOINT.parent, ignore_errors=True)
         return record
 
 

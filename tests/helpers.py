@@ -179,3 +179,21 @@ class SignalAtEpoch(L.Callback):
 
         if trainer.current_epoch == self.epoch:
             os.kill(os.getpid(), self.signum)
+
+
+class SaveFullState(L.Callback):
+    """Writes the LightningModule's whole state dict (frozen backbone included) at the end of fit to ``path``.
+
+    The resumable checkpoint holds the trainable tensors only; tests that check that frozen weights stayed
+    bit-identical read this file instead."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save({k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}, self.path)
+
+
+def full_state_overrides(path: Path) -> list[str]:
+    """Overrides that install :class:`SaveFullState` writing to ``path``."""
+    return [f"+callbacks.full_state={{_target_: tests.helpers.SaveFullState, path: '{path}'}}"]

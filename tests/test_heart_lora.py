@@ -160,7 +160,8 @@ def test_end_to_end_and_resume(tmp_path):
     ]
 
     def go(name: str, *extra: str) -> dict:
-        cfg = compose_config(common + [f"paths.output_dir={tmp_path}/outputs", f"run_dir={tmp_path / name}", *extra])
+        cfg = compose_config(common + [f"paths.output_dir={tmp_path}/outputs", f"run_dir={tmp_path / name}",
+                                       "keep_checkpoint=true", *extra])
         return execute(cfg, tmp_path / name)
 
     record = go("straight")
@@ -305,6 +306,7 @@ def test_run_counts_stores_and_reports_only_after_deactivation(tmp_path, monkeyp
         "scoring.batch_size=16",
         "protocol=paper",
         f"paths.output_dir={tmp_path}/o",
+        "keep_checkpoint=true",
     ]
     record = execute(compose_config(overrides), tmp_path / "run")
     assert record["status"] == "ok", record.get("error")

@@ -7,7 +7,6 @@ Identity at step 0, exact trainable sets, parameter formulas on ViT-B/16, the la
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from peftbench.methods.base import merge, prepare_model, unmerge, unwrap
 from peftbench.methods.bi_lora import BiLoRA, load_packed, pack, packed_bytes
 from peftbench.methods.compacter import Compacter, PHMAdapter
 from peftbench.train import build, compose_config, execute
-from tests.helpers import TINY
+from tests.helpers import TINY, full_state_overrides
 
 METHODS = {
     "adapter": Adapter,
@@ -338,13 +337,14 @@ MICRO_FORMULA = {
 @pytest.mark.parametrize("method", list(MICRO_FORMULA))
 def test_trains_beats_chance_and_leaves_frozen_weights_bit_identical(tmp_path, method):
     overrides = TINY + [f"method={method}", "protocol=final"]
-    record = execute(compose_config(overrides + [f"paths.output_dir={tmp_path}/outputs"]), tmp_path / "run")
+    saved = full_state_overrides(tmp_path / "full.pt")
+    record = execute(compose_config(overrides + [f"paths.output_dir={tmp_path}/outputs", *saved]), tmp_path / "run")
     assert record["status"] == "ok"
     assert record["metrics"]["test_acc"] > 0.4  # 4 classes: chance 0.25 (48 test images)
     assert record["params"]["trainable_backbone"] == MICRO_FORMULA[method]
     _, _, module, _ = build(compose_config(overrides))
     module.configure_model()  # same seed -> same pre-trained weights and initial adapters as the run
-    trained = torch.load(Path(tmp_path / "run" / "checkpoints" / "last.ckpt"), weights_only=True)["state_dict"]
+    trained = torch.load(tmp_path / "full.pt", weights_only=True)
     for name, p in module.named_parameters():
         if p.requires_grad:
             assert not torch.equal(trained[name], p.detach()), f"trainable {name} did not change"

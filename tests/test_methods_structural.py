@@ -24,7 +24,7 @@ from peftbench.methods.mlp_head import MLPHead
 from peftbench.methods.partial import Partial
 from peftbench.methods.vpt import VPT, remove_prompts
 from peftbench.train import build, compose_config, execute
-from tests.helpers import TINY
+from tests.helpers import TINY, full_state_overrides
 
 C, L, K = 768, 12, 100  # ViT-B/16 width, depth; classes of the test head
 VIT_B_BACKBONE = 85_798_656
@@ -253,7 +253,9 @@ TRAINABLE: dict[str, tuple[Callable[[str], bool], int]] = {  # method -> (is tra
 
 @pytest.mark.parametrize("method", list(TRAINABLE))
 def test_trains_above_chance_and_frozen_weights_bit_identical(tmp_path: Path, method: str):
-    cfg = compose_config(DIGITS + [f"method={method}", f"paths.output_dir={tmp_path}/outputs"])
+    cfg = compose_config(
+        DIGITS + [f"method={method}", f"paths.output_dir={tmp_path}/outputs", *full_state_overrides(tmp_path / "f.pt")]
+    )
     record = execute(cfg, tmp_path / "run")
     assert record["status"] == "ok", record.get("error")
     assert record["metrics"]["test_acc"] > 0.2 and record["metrics"]["val_acc"] > 0.2  # chance: 0.1 (797 / 200)
@@ -261,7 +263,7 @@ def test_trains_above_chance_and_frozen_weights_bit_identical(tmp_path: Path, me
     assert record["params"]["trainable_backbone"] == count
     _, _, module, _ = build(cfg)
     module.configure_model()  # same seed: the run's pre-trained weights and initial method parameters
-    trained = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    trained = torch.load(tmp_path / "f.pt", weights_only=True)
     for name, p in module.model.named_parameters():
         assert p.requires_grad == is_trainable(name), name
         if p.requires_grad:

@@ -158,3 +158,22 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_the_checkpoint_holds_what_training_changes_and_goes_when_the_run_is_ok(tmp_path):
+    assert train_cli(*_args(tmp_path, "trainer.max_epochs=1", "keep_checkpoint=true"))[0] == 0
+    ckpt_file = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    import torch
+
+    ckpt = torch.load(ckpt_file, weights_only=True)
+    record = _results(tmp_path)
+    trainable = record["params"]["trainable_backbone"] + record["params"]["trainable_head"]
+    assert all("lora_" in k or k.startswith("model.head.") for k in ckpt["state_dict"])  # no frozen tensor
+    assert sum(v.numel() for v in ckpt["state_dict"].values()) == trainable
+    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    assert record["storage"]["checkpoint_bytes"] == ckpt_file.stat().st_size
+    assert record["storage"]["checkpoint_bytes"] < 0.1 * record["params"]["total"] * 4  # far below the fp32 model
+    rc, _, _ = train_cli(*_args(tmp_path / "b", "trainer.max_epochs=1"))  # default: removed once ok
+    assert rc == 0 and not (tmp_path / "b" / "run" / "checkpoints").exists()
+    assert (tmp_path / "b" / "run" / "task.pt").exists()
+    assert _results(tmp_path / "b")["storage"]["checkpoint_kept"] is False

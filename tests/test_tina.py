@@ -26,7 +26,7 @@ from peftbench.methods.tina import (
     select_local,
 )
 from peftbench.train import build, compose_config, execute
-from tests.helpers import TINY
+from tests.helpers import TINY, full_state_overrides
 
 ARCH = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0}
 
@@ -254,7 +254,7 @@ def test_end_to_end_cycles_shrink_and_frozen_weights_identical(tmp_path):
         f"paths.output_dir={tmp_path}/outputs",
     ]
     probe = ["+callbacks.probe._target_=tests.test_tina.OptimizerProbe", f"+callbacks.probe.out={tmp_path}/probe.json"]
-    record = execute(compose_config(overrides + probe), tmp_path / "run")
+    record = execute(compose_config(overrides + probe + full_state_overrides(tmp_path / "full.pt")), tmp_path / "run")
     assert record["status"] == "ok"
     seen = json.loads((tmp_path / "probe.json").read_text())  # survivors kept AdamW step counts over 3 rebuilds
     assert seen["all_in_optimizer"] and seen["steps"] == [seen["global_step"]] == [16]
@@ -271,7 +271,7 @@ def test_end_to_end_cycles_shrink_and_frozen_weights_identical(tmp_path):
     assert all(c["val_acc"] is not None for c in cycles)
     _, _, module, _ = build(compose_config(overrides))
     module.configure_model()  # same seed -> same pre-trained weights as the run
-    trained = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    trained = torch.load(tmp_path / "full.pt", weights_only=True)
     fresh = {n.replace("base_layer.", ""): p for n, p in module.named_parameters() if not p.requires_grad}
     checked = 0
     for name, tensor in trained.items():
@@ -294,7 +294,8 @@ def test_resume_mid_cycles_matches_uninterrupted(tmp_path):
     ]
 
     def go(name: str, *extra: str) -> dict:
-        cfg = compose_config(common + [f"paths.output_dir={tmp_path}/outputs", f"run_dir={tmp_path / name}", *extra])
+        cfg = compose_config(common + [f"paths.output_dir={tmp_path}/outputs", f"run_dir={tmp_path / name}",
+                                       "keep_checkpoint=true", *extra])
         return execute(cfg, tmp_path / name)
 
     straight = go("straight")

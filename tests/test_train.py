@@ -11,28 +11,29 @@ import torch
 from peftbench.errors import PeftbenchError, TrainingDiverged
 from peftbench.results import read_index
 from peftbench.train import build, compose_config, execute
-from tests.helpers import TINY
+from tests.helpers import TINY, full_state_overrides
 
 
 def run(tmp_path: Path, *extra: str, name: str = "run") -> tuple[dict, Path]:
-    cfg = compose_config(TINY + [f"paths.output_dir={tmp_path}/outputs", *extra])
+    cfg = compose_config(TINY + [f"paths.output_dir={tmp_path}/outputs", "keep_checkpoint=true", *extra])
     run_dir = tmp_path / name
     return execute(cfg, run_dir), run_dir
 
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The trainable tensors the run's resumable checkpoint holds."""
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     return ckpt["state_dict"]
 
 
 @pytest.mark.parametrize("method", ["lora", "linear", "full"])
 def test_frozen_entries_bit_identical_after_training(tmp_path, method):
-    record, run_dir = run(tmp_path, f"method={method}")
+    record, run_dir = run(tmp_path, f"method={method}", *full_state_overrides(tmp_path / "full.pt"))
     assert record["status"] == "ok"
     cfg = compose_config(TINY + [f"method={method}"])
     _, _, module, _ = build(cfg)
     module.configure_model()  # same seed -> same pre-trained weights and selection as the run
-    trained = final_state(run_dir)
+    trained = torch.load(tmp_path / "full.pt", weights_only=True)
     changed = []
     for name, p in module.named_parameters():
         if p.requires_grad:
