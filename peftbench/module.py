@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from peftbench.errors import TrainingDiverged
 from peftbench.methods.base import Method, State, prepare_model
+from peftbench.weight_decay import parameter_groups
 
 
 class PEFTModule(L.LightningModule):
@@ -117,12 +118,9 @@ class PEFTModule(L.LightningModule):
 
     # --- optimisation ------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
-        """Trainable parameters split into decayed (>= 2-D) and non-decayed (1-D: biases, norms, tokens)."""
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """Trainable parameters split by role: weight-matrix entries decayed, the rest (biases, norms, tokens) not
+        (:func:`peftbench.weight_decay.parameter_groups`)."""
+        return parameter_groups(self.model)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameter_groups())

@@ -6,6 +6,9 @@ the parameters that are not part of any block (embeddings, tokens, final norm).
 
 Row ``s*C + h*D + d`` of a fused ``qkv`` weight (C, 3C) belongs to q/k/v (``s`` = 0/1/2), head ``h``,
 channel ``d``; :func:`qkv_rows` returns those row indices.
+
+:func:`token_parameters` names the tokens and embeddings (cls / register tokens, position embeddings, Swin's
+relative-position tables) as timm's ``no_weight_decay()`` lists them.
 """
 
 from __future__ import annotations
@@ -186,6 +189,13 @@ def iter_linear_targets(model: nn.Module, targets: tuple[str, ...]) -> Iterator[
             if t in b.targets():
                 yield b, t
 
+
+
+def token_parameters(model: nn.Module) -> set[str]:
+    """Names of the token / embedding parameters that are not weight matrices (timm's ``no_weight_decay()``):
+    ViT ``cls_token``, ``reg_token``, ``pos_embed``, Swin's ``relative_position_bias_table`` ...; only those present."""
+    listed = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else set()
+    return {name for name, _ in model.named_parameters() if name in listed}
 
 
 def prefix_tokens(model: nn.Module) -> int:

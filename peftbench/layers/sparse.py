@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftbench.layers.base import BaseLayerWrapper
+from peftbench.layers.base import MATRIX, BaseLayerWrapper
 from peftbench.layers.lora import LoRALinear
 
 
@@ -98,6 +98,12 @@ class _SparseDelta:
         w = self.base_layer.weight
         return torch.zeros_like(w).flatten().index_add(0, self.sparse_indices, self.sparse_delta.to(w.dtype)).view_as(w)
 
+    @torch.no_grad()
+    def fold_sparse(self, sign: float) -> None:
+        """Add ``sign`` * scatter(delta) to ``base_layer.weight`` in place (merge: +1, unmerge: -1)."""
+        w = self.base_layer.weight
+        w.view(-1).index_add_(0, self.sparse_indices, sign * self.sparse_delta.to(w.dtype))
+
 
 class SparseDeltaLinear(_SparseDelta, BaseLayerWrapper):
     """A frozen nn.Linear plus a trainable delta on ``indices`` (flat indices into its (out, in) weight).
@@ -106,6 +112,8 @@ class SparseDeltaLinear(_SparseDelta, BaseLayerWrapper):
         base_layer: the frozen nn.Linear(in, out).
         indices: (nnz,) unique flat indices ``row * in + col`` of the tuned entries.
     """
+
+    param_roles = {"sparse_delta": MATRIX}
 
     def __init__(self, base_layer: nn.Linear, indices: torch.Tensor) -> None:
         super().__init__()
@@ -122,14 +130,14 @@ class SparseDeltaLinear(_SparseDelta, BaseLayerWrapper):
     def merge(self) -> None:
         """Fold the delta into ``base_layer.weight``."""
         if not self.merged:
-            self.base_layer.weight.view(-1).index_add_(0, self.sparse_indices, self.sparse_delta.to(self.weight.dtype))
+            self.fold_sparse(1.0)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take the delta out of ``base_layer.weight`` again."""
         if self.merged:
-            self.base_layer.weight.view(-1).index_add_(0, self.sparse_indices, -self.sparse_delta.to(self.weight.dtype))
+            self.fold_sparse(-1.0)
             self.merged = False
 
     def extra_repr(self) -> str:
@@ -145,6 +153,8 @@ class SparseLoRALinear(_SparseDelta, LoRALinear):
         base_layer, rank, row_groups, scale, dropout: as :class:`LoRALinear`.
         indices: (nnz,) unique flat indices of the sparse entries.
     """
+
+    param_roles = {**LoRALinear.param_roles, "sparse_delta": MATRIX}
 
     def __init__(
         self,

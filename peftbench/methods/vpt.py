@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from peftbench.backbones import anatomy
+from peftbench.layers.base import TOKEN
 from peftbench.methods.base import Method, State, freeze
 
 #: attribute of the model that holds the prompts
@@ -47,6 +48,8 @@ class Prompts(nn.Module):
         init_range: v, prompts are drawn from U(-v, v).
         dropout: dropout on the prompts.
     """
+
+    param_roles = {"vpt_prompts": TOKEN}  # tokens: no weight decay (peftbench.weight_decay)
 
     def __init__(self, layers: int, tokens: int, dim: int, prefix: int, init_range: float, dropout: float) -> None:
         super().__init__()
