@@ -37,7 +37,8 @@ def score(overrides: list[str]) -> dict[str, Any]:
         raise PeftbenchError("no scorer configured: pass scorer=<name> (see conf/scorer/)")
     _, datamodule, module, _ = build(cfg)
     datamodule.setup("fit")
-    batches = datamodule.scoring_batches(cfg.scoring.n_samples, cfg.scoring.batch_size)
+    n = sys.maxsize if cfg.scoring.n_samples is None else cfg.scoring.n_samples  # null: every image
+    batches = datamodule.scoring_batches(n, cfg.scoring.batch_size)
     scores = module.scorer(module.model, batches)
     state = module.method.select(module.model, scores) if getattr(module.method, "needs_scores", False) else None
     summary = module.method.describe(state) if state is not None else {}
