@@ -114,7 +114,8 @@ class GPS(Method):
             patch = row_topk(scores[key].detach().float().cpu(), self.k)  # (C*k,) flat = conv weight indices
             indices[anatomy.patch_embedding_path(model)] = patch.sort().values
         biases = layer_biases(model) if self.biases else []
-        n_bias = sum(p.numel() for n, p in model.named_parameters() if n in set(biases))
+        params = dict(model.named_parameters())
+        n_bias = sum(params[n].numel() for n in biases)
         n_patch = 0 if patch is None else int(patch.numel())
         return {
             "k": self.k,
