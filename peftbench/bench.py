@@ -48,6 +48,7 @@ from peftbench.accounting import backbone_size, parameter_report
 from peftbench.errors import PeftbenchError
 from peftbench.export import save_task
 from peftbench.methods.base import prepare_model, unwrap
+from peftbench.weight_decay import parameter_groups
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 #: mean / std of data.normalize (as peftbench.data.datamodule; not imported: it pulls in Lightning, 8 s per job)
@@ -168,13 +169,6 @@ def _data(job: dict, cfg: DictConfig, device: torch.device, n: int) -> tuple[tor
     return ((images.float() - mean) / std).to(device), labels.to(device), task.num_classes
 
 
-def _parameter_groups(model: nn.Module) -> list[dict]:
-    """As PEFTModule: trainable >= 2-D parameters decayed, 1-D ones (biases, norms, tokens) not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _latencies(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, amp, device) -> dict[str, float]:
     """Median ms per image of each model on batch ``x``, timed in interleaved rounds (order rotated each round)."""
     names = list(models)
@@ -241,7 +235,7 @@ def measure(job: dict) -> dict[str, Any]:
     prepare_model(model, method, state=state)
     model.train()
     row["params"] = parameter_report(model, pretrained)
-    optimizer = instantiate(cfg.optimizer)(params=_parameter_groups(model))
+    optimizer = instantiate(cfg.optimizer)(params=parameter_groups(model))
     train_model = torch.compile(model) if job.get("compile") else model
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> None:

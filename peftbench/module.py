@@ -7,6 +7,7 @@ It knows no method by name: a :class:`~peftbench.methods.base.Method` (and optio
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -19,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from peftbench.errors import PeftbenchError, TrainingDiverged
 from peftbench.methods.base import Method, State, prepare_model
+from peftbench.weight_decay import parameter_groups
 
 
 class PEFTModule(L.LightningModule):
@@ -31,7 +33,7 @@ class PEFTModule(L.LightningModule):
         scheduler: partial schedule factory taking (optimizer, total_steps, steps_per_epoch), or None.
         num_classes: number of classes (metrics).
         scorer: optional pure scorer (model, batches) -> scores.
-        scoring: ``{"n_samples": int, "batch_size": int}`` for the scorer's data.
+        scoring: ``{"n_samples": int | None, "batch_size": int}`` for the scorer's data (None: every image).
         method_state: a saved selection to re-apply (resume) instead of scoring.
         label_smoothing: cross-entropy label smoothing.
     """
@@ -77,12 +79,14 @@ class PEFTModule(L.LightningModule):
         self.prepared = True
 
     def scoring_batches(self) -> Callable[[], Iterable] | None:
-        """Factory of the scorers' batches: the first ``scoring.n_samples`` training images in file order, no
-        augmentation, normalised, on this module's device (None without a data module)."""
+        """Factory of the scorers' batches: the first ``scoring.n_samples`` training images in file order (null:
+        all of them, one full pass), no augmentation, normalised, on this module's device (None without a data
+        module)."""
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "scoring_batches"):
             return None
         n, batch_size = self.scoring["n_samples"], self.scoring["batch_size"]
+        n = sys.maxsize if n is None else n  # the data module stops at the split's end
         return lambda: datamodule.scoring_batches(n, batch_size, self.device)
 
     @torch.no_grad()
@@ -143,12 +147,9 @@ class PEFTModule(L.LightningModule):
 
     # --- optimisation ------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
-        """Trainable parameters split into decayed (>= 2-D) and non-decayed (1-D: biases, norms, tokens)."""
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """Trainable parameters split by role: weight-matrix entries decayed, the rest (biases, norms, tokens) not
+        (:func:`peftbench.weight_decay.parameter_groups`)."""
+        return parameter_groups(self.model)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameter_groups())

@@ -34,7 +34,8 @@ def parameter_accounting(cfg: DictConfig) -> dict:
     batches = None
     if needs_data:
         datamodule = VisionDataModule(task, protocol=cfg.protocol, seed=cfg.seed, **cfg.data)
-        batches = lambda: datamodule.scoring_batches(cfg.scoring.n_samples, cfg.scoring.batch_size)  # noqa: E731
+        n = sys.maxsize if cfg.scoring.n_samples is None else cfg.scoring.n_samples  # null: every image
+        batches = lambda: datamodule.scoring_batches(n, cfg.scoring.batch_size)  # noqa: E731
     state = prepare_model(model, method, scorer, batches)
     picked = choices(cfg)
     return {

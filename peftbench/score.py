@@ -38,8 +38,8 @@ def score(overrides: list[str]) -> dict[str, Any]:
         raise PeftbenchError("no scorer configured: pass scorer=<name> (see conf/scorer/)")
     _, datamodule, module, _ = build(cfg)
     datamodule.setup("fit")
-    batches = datamodule.scoring_batches(cfg.scoring.n_samples, cfg.scoring.batch_size)
-    seen = Counted(batches)
+    n = sys.maxsize if cfg.scoring.n_samples is None else cfg.scoring.n_samples  # null: every image
+    seen = Counted(datamodule.scoring_batches(n, cfg.scoring.batch_size))
     scores = module.scorer(module.model, seen)
     check_scores(scores, seen, module.scorer)
     state = module.method.select(module.model, scores) if getattr(module.method, "needs_scores", False) else None

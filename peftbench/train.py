@@ -55,8 +55,8 @@ def check_run_values(cfg: DictConfig) -> None:
         ("label_smoothing", isinstance(cfg.label_smoothing, (int, float)) and 0 <= cfg.label_smoothing < 1,
          "a number in [0, 1)"),
         ("paper_eval_every", isinstance(cfg.paper_eval_every, int) and cfg.paper_eval_every >= 1, "an integer >= 1"),
-        ("scoring.n_samples", isinstance(cfg.scoring.n_samples, int) and cfg.scoring.n_samples >= 0,
-         "an integer >= 0"),
+        ("scoring.n_samples", cfg.scoring.n_samples is None
+         or (isinstance(cfg.scoring.n_samples, int) and cfg.scoring.n_samples >= 0), "an integer >= 0 or null (all)"),
         ("scoring.batch_size", isinstance(cfg.scoring.batch_size, int) and cfg.scoring.batch_size >= 1,
          "an integer >= 1"),
     ]

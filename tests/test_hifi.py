@@ -188,3 +188,42 @@ def test_hifi_on_swin_windows_and_per_stage_ratio():
         before = model(x)
         merge(model)
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_hifi_vtab_gives_hifi_the_same_search_as_its_rivals_and_cites_the_paper():
+    """Every row of the HiFi table searches five points per task; HiFi's are learning rates including its paper's
+    grid (1e-4, 2e-4, 3e-4; Gui and Xiao, ACL 2023, Table 5), as LoRA's and Heart-LoRA's are scales."""
+    from pathlib import Path
+
+    from peftbench.tables.spec import load_spec
+
+    spec = load_spec("hifi_vtab")
+    sizes = {r.name: sum(len(v) for v in r.search.values()) for r in spec.rows if r.overrides is not None}
+    assert set(sizes) == {"LoRA", "Heart-LoRA", "HiFi"} and set(sizes.values()) == {5}
+    lrs = next(r for r in spec.rows if r.name == "HiFi").search["optimizer.lr"]
+    assert {1e-4, 2e-4, 3e-4} <= set(lrs)
+    root = Path(__file__).resolve().parent.parent
+    files = ["conf/table/hifi_vtab.yaml", "conf/method/hifi.yaml", "conf/scorer/hifi.yaml", "peftbench/methods/hifi.py"]
+    for name in files:
+        text = (root / name).read_text()
+        assert "Gui" in text and "Xiao" in text and "ACL 2023" in text and "Guo" not in text, name
+
+
+def test_teleport_measurement_matches_the_method_and_the_readme_figure():
+    """scripts/hifi_teleport.py on the packaged vit_micro (embedded/digits): its uniform-teleport heads are what
+    method=hifi selects; a flat start vector changes none of the 18 choices, the information teleport 1."""
+    import importlib.util
+    from pathlib import Path
+
+    from peftbench import score
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "hifi_teleport.py"
+    spec = importlib.util.spec_from_file_location("hifi_teleport", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    small = ["scoring.n_samples=32", "scoring.batch_size=32"]
+    out = module.measure(small)
+    assert (out["layers"], out["k"], out["choices"], out["n_samples"]) == (6, 3, 18, 32)
+    selected = score.score(["scorer=hifi", "method=hifi", "logger=none", *small])["state"]["heads"]
+    assert out["heads"]["uniform"] == {path: list(h) for path, h in selected.items()}
+    assert out["differ_from_uniform"] == {"uniform_flat_start": 0, "information": 1}

@@ -6,6 +6,11 @@ the parameters that are not part of any block (embeddings, tokens, final norm).
 
 Row ``s*C + h*D + d`` of a fused ``qkv`` weight (C, 3C) belongs to q/k/v (``s`` = 0/1/2), head ``h``,
 channel ``d``; :func:`qkv_rows` returns those row indices.
+
+The patch embedding (timm ``patch_embed.proj``, a Conv2d (C, 3, P, P) with stride P) is a linear map of each
+flattened patch; :func:`patch_embedding_matrix` views its weight as that (C, 3*P*P) matrix, whose flat indices are
+the conv weight's own. :func:`token_parameters` names the tokens and embeddings (cls / register tokens, position
+embeddings, Swin's relative-position tables) as timm's ``no_weight_decay()`` lists them.
 """
 
 from __future__ import annotations
@@ -186,6 +191,43 @@ def iter_linear_targets(model: nn.Module, targets: tuple[str, ...]) -> Iterator[
             if t in b.targets():
                 yield b, t
 
+
+
+def patch_embedding_path(model: nn.Module) -> str | None:
+    """Dotted path of the patch-embedding convolution (timm ViT / Swin: ``patch_embed.proj``), None without one."""
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    base = proj
+    while hasattr(base, "base_layer"):  # through a tuner wrapper to the original conv
+        base = base.base_layer
+    return "patch_embed.proj" if isinstance(base, nn.Conv2d) else None
+
+
+def patch_embedding(model: nn.Module) -> nn.Module | None:
+    """The patch-embedding conv (or the tuner wrapper around it), None when the model has none."""
+    path = patch_embedding_path(model)
+    return None if path is None else model.get_submodule(path)
+
+
+def set_patch_embedding(model: nn.Module, new: nn.Module) -> None:
+    """Replace the patch-embedding conv (e.g. by a wrapper whose ``base_layer`` is the conv)."""
+    if patch_embedding_path(model) is None:
+        raise ValueError(f"{type(model).__name__} has no patch-embedding convolution")
+    model.patch_embed.proj = new
+
+
+def patch_embedding_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A conv weight (C_out, C_in, kh, kw) as the (C_out, C_in*kh*kw) matrix it applies to each flattened patch.
+
+    A view: entry (c, j) is flat index ``c * C_in*kh*kw + j`` of the conv weight itself.
+    """
+    return weight.flatten(1)
+
+
+def token_parameters(model: nn.Module) -> set[str]:
+    """Names of the token / embedding parameters that are not weight matrices (timm's ``no_weight_decay()``):
+    ViT ``cls_token``, ``reg_token``, ``pos_embed``, Swin's ``relative_position_bias_table`` ...; only those present."""
+    listed = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else set()
+    return {name for name, _ in model.named_parameters() if name in listed}
 
 
 def prefix_tokens(model: nn.Module) -> int:

@@ -1,9 +1,18 @@
-"""The common base of peftbench's tuner layers: a module that wraps (and keeps) the original ``base_layer``."""
+"""The common base of peftbench's tuner layers: a module that wraps (and keeps) the original ``base_layer``.
+
+Every tuner module declares the role of each parameter it adds (``param_roles``): ``matrix`` when it holds entries
+of a weight matrix (LoRA / adapter factors, sparse deltas of a weight), ``vector`` for biases, norms and sparse
+deltas of those, ``token`` for tokens and prompts. :mod:`peftbench.weight_decay` decays exactly the ``matrix`` ones.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+#: parameter roles (see the module docstring); only MATRIX parameters get weight decay
+MATRIX, VECTOR, TOKEN = "matrix", "vector", "token"
+ROLES = (MATRIX, VECTOR, TOKEN)
 
 
 class BaseLayerWrapper(nn.Module):
@@ -14,6 +23,8 @@ class BaseLayerWrapper(nn.Module):
     """
 
     base_layer: nn.Module
+    #: role of each parameter the wrapper itself adds: {attribute name (a Parameter or a ParameterList): role}
+    param_roles: dict[str, str] = {}
 
     def __getattr__(self, name: str):
         try:

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from peftbench.layers.base import MergeableWrapper
+from peftbench.layers.base import MATRIX, MergeableWrapper
 from peftbench.layers.sparse import _SparseDelta
 
 
@@ -33,6 +33,8 @@ class CompactLoRALinear(_SparseDelta, MergeableWrapper):
         indices: (nnz,) unique flat indices ``row * in + col`` of sparse entries (None/empty = none).
         scale: multiplier s of every block's delta.
     """
+
+    param_roles = {"lora_A": MATRIX, "lora_B": MATRIX, "sparse_delta": MATRIX}
 
     def __init__(
         self,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from peftbench.errors import check_range
-from peftbench.layers.base import MergeableWrapper
+from peftbench.layers.base import MATRIX, MergeableWrapper
 
 
 class LoRALinear(MergeableWrapper):
@@ -28,6 +28,8 @@ class LoRALinear(MergeableWrapper):
         scale: multiplier s of the delta (``alpha / r`` in the LoRA paper's notation).
         dropout: dropout on the adapter's input (Bi-LoRA/FacT use 0.1).
     """
+
+    param_roles = {"lora_A": MATRIX, "lora_B": MATRIX}  # factors of the weight delta
 
     def __init__(
         self,

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftbench.layers.base import MATRIX, VECTOR
+
 
 def new_rule(n: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Parameter:
     """The PHM "rule" {A_i}: a (n, n, n) parameter, A_i ~ N(0, 1/n)."""
@@ -43,6 +45,9 @@ class PHMLinear(nn.Module):
         rank: None: full B_i (PHM); r >= 1: B_i = s_i t_i^T of rank r (Compacter uses r = 1).
         zero: zero-init B (or s) and the bias, so the layer outputs 0 at step 0.
     """
+
+    #: the Kronecker factors build the weight matrix (decayed); the bias is a vector. phm_B or phm_s/phm_t exist.
+    param_roles = {"phm_rule": MATRIX, "phm_B": MATRIX, "phm_s": MATRIX, "phm_t": MATRIX, "bias": VECTOR}
 
     def __init__(
         self,

@@ -8,8 +8,9 @@ forms W out of place (``index_add`` on the flattened weight) and calls F.linear:
 temporary, and the backward's cost is a dense weight gradient gathered at the nnz indices (memory O(out*in +
 nnz), never O(nnz^2) as a dense-mask formulation of the authors' code). ``delta`` is zero-initialised, so step
 0 equals the base layer. :class:`SparseLoRALinear` adds the same sparse delta to a :class:`LoRALinear` (SPT-LoRA
-may put LoRA on q and sparse entries on k of one fused qkv). Whole vectors (biases, norms) are tuned by simply
-unfreezing them; no wrapper is needed for those.
+may put LoRA on q and sparse entries on k of one fused qkv). :class:`SparseDeltaConv2d` does the same for a
+convolution (GPS tunes entries of the patch embedding, a Conv2d seen as a (C_out, C_in*kh*kw) matrix per patch).
+Whole vectors (biases, norms) are tuned by simply unfreezing them; no wrapper is needed for those.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftbench.layers.base import BaseLayerWrapper
+from peftbench.layers.base import MATRIX, BaseLayerWrapper
 from peftbench.layers.lora import LoRALinear
 
 
@@ -98,6 +99,12 @@ class _SparseDelta:
         w = self.base_layer.weight
         return torch.zeros_like(w).flatten().index_add(0, self.sparse_indices, self.sparse_delta.to(w.dtype)).view_as(w)
 
+    @torch.no_grad()
+    def fold_sparse(self, sign: float) -> None:
+        """Add ``sign`` * scatter(delta) to ``base_layer.weight`` in place (merge: +1, unmerge: -1)."""
+        w = self.base_layer.weight
+        w.view(-1).index_add_(0, self.sparse_indices, sign * self.sparse_delta.to(w.dtype))
+
 
 class SparseDeltaLinear(_SparseDelta, BaseLayerWrapper):
     """A frozen nn.Linear plus a trainable delta on ``indices`` (flat indices into its (out, in) weight).
@@ -106,6 +113,8 @@ class SparseDeltaLinear(_SparseDelta, BaseLayerWrapper):
         base_layer: the frozen nn.Linear(in, out).
         indices: (nnz,) unique flat indices ``row * in + col`` of the tuned entries.
     """
+
+    param_roles = {"sparse_delta": MATRIX}
 
     def __init__(self, base_layer: nn.Linear, indices: torch.Tensor) -> None:
         super().__init__()
@@ -122,18 +131,63 @@ class SparseDeltaLinear(_SparseDelta, BaseLayerWrapper):
     def merge(self) -> None:
         """Fold the delta into ``base_layer.weight``."""
         if not self.merged:
-            self.base_layer.weight.view(-1).index_add_(0, self.sparse_indices, self.sparse_delta.to(self.weight.dtype))
+            self.fold_sparse(1.0)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take the delta out of ``base_layer.weight`` again."""
         if self.merged:
-            self.base_layer.weight.view(-1).index_add_(0, self.sparse_indices, -self.sparse_delta.to(self.weight.dtype))
+            self.fold_sparse(-1.0)
             self.merged = False
 
     def extra_repr(self) -> str:
         return f"nnz={self.nnz}, in={self.in_features}, out={self.out_features}"
+
+
+class SparseDeltaConv2d(_SparseDelta, BaseLayerWrapper):
+    """A frozen nn.Conv2d plus a trainable delta on ``indices`` (flat indices into its (out, in, kh, kw) weight).
+
+    W = W0 + scatter(delta), then the base conv's own stride / padding / groups. Flat index ``c * in*kh*kw + j`` is
+    entry (c, j) of the (out, in*kh*kw) matrix the conv applies to each flattened patch
+    (:func:`peftbench.backbones.anatomy.patch_embedding_matrix`), so "row" means output channel.
+
+    Args:
+        base_layer: the frozen nn.Conv2d.
+        indices: (nnz,) unique flat indices of the tuned entries.
+    """
+
+    param_roles = {"sparse_delta": MATRIX}
+
+    def __init__(self, base_layer: nn.Conv2d, indices: torch.Tensor) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._init_sparse(indices)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        # (B, in, H, W) -> (B, out, h, w) with the base conv's stride / padding
+        return self.base_layer._conv_forward(x, self.sparse_weight(), self.base_layer.bias)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the delta into ``base_layer.weight``."""
+        if not self.merged:
+            self.fold_sparse(1.0)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the delta out of ``base_layer.weight`` again."""
+        if self.merged:
+            self.fold_sparse(-1.0)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        w = self.base_layer.weight
+        return f"nnz={self.nnz}, matrix=({w.shape[0]}, {w[0].numel()})"
 
 
 class SparseLoRALinear(_SparseDelta, LoRALinear):
@@ -145,6 +199,8 @@ class SparseLoRALinear(_SparseDelta, LoRALinear):
         base_layer, rank, row_groups, scale, dropout: as :class:`LoRALinear`.
         indices: (nnz,) unique flat indices of the sparse entries.
     """
+
+    param_roles = {**LoRALinear.param_roles, "sparse_delta": MATRIX}
 
     def __init__(
         self,

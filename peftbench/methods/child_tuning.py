@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from peftbench.backbones import anatomy
-from peftbench.layers.base import BaseLayerWrapper
+from peftbench.layers.base import MATRIX, VECTOR, BaseLayerWrapper
 from peftbench.layers.sparse import SparseDeltaLinear
 from peftbench.methods.base import Method, State, freeze
 from peftbench.methods.spt_lora import top_mask
@@ -51,6 +51,8 @@ class SparseParams(BaseLayerWrapper):
                 raise ValueError(f"indices of {name!r} exceed its {p.numel()} entries")
             self.register_buffer(f"indices_{i}", idx)  # (nnz_i,)
             self.deltas.append(nn.Parameter(torch.zeros(idx.numel(), device=p.device, dtype=p.dtype)))
+        # entries of a weight matrix decay like it; entries of a vector (norm, bias) do not
+        self.param_roles = {f"deltas.{i}": MATRIX if params[n].ndim >= 2 else VECTOR for i, n in enumerate(self.names)}
         self.merged = False
 
     def _targets(self) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -89,6 +91,8 @@ class SparseDeltaBiasLinear(SparseDeltaLinear):
         base_layer, indices: as :class:`SparseDeltaLinear` (weight entries).
         bias_indices: (nnz_b,) unique indices into the bias (None = the bias stays frozen).
     """
+
+    param_roles = {**SparseDeltaLinear.param_roles, "bias_delta": VECTOR}
 
     def __init__(self, base_layer: nn.Linear, indices: torch.Tensor, bias_indices: torch.Tensor | None = None) -> None:
         super().__init__(base_layer, indices)

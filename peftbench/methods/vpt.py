@@ -31,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from peftbench.backbones import anatomy
 from peftbench.errors import check_range
+from peftbench.layers.base import TOKEN
 from peftbench.methods.base import Method, State, freeze
 
 #: attribute of the model that holds the prompts
@@ -48,6 +49,8 @@ class Prompts(nn.Module):
         init_range: v, prompts are drawn from U(-v, v).
         dropout: dropout on the prompts.
     """
+
+    param_roles = {"vpt_prompts": TOKEN}  # tokens: no weight decay (peftbench.weight_decay)
 
     def __init__(self, layers: int, tokens: int, dim: int, prefix: int, init_range: float, dropout: float) -> None:
         super().__init__()

@@ -5,7 +5,8 @@ parameter's ``requires_grad`` and ``.grad`` on entry and restores them on exit (
 switch modes or enable gradients freely inside it.
 
 Scored matrices are named ``<linear path>.weight`` (e.g. ``blocks.3.mlp.fc1.weight``), except the q/k/v row
-slices of timm's fused qkv: ``blocks.3.attn.qkv.weight:q`` (its rows from :meth:`BlockView.rows`).
+slices of timm's fused qkv: ``blocks.3.attn.qkv.weight:q`` (its rows from :meth:`BlockView.rows`). The patch
+embedding, when scored, is ``patch_embed.proj.weight`` as a (C, 3*P*P) matrix (:func:`patch_key`).
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def matrix_key(block: anatomy.BlockView, target: str) -> str:
     """Name of the scored matrix of ``target`` in ``block`` (q/k/v: a row slice of the fused qkv weight)."""
     key = f"{block.linear_path(target)}.weight"
     return f"{key}:{target}" if block.rows(target) is not None else key
+
+
+def patch_key(model: nn.Module) -> str | None:
+    """Name of the scored patch-embedding matrix (its conv weight viewed as (C, 3*P*P)), None without one."""
+    path = anatomy.patch_embedding_path(model)
+    return None if path is None else f"{path}.weight"
 
 
 def scored_candidates(

@@ -15,9 +15,10 @@ Per block (layer), from the per-head outputs O_h(x) (N x D, tokens x head width;
   convention on the weighted graph R, used as the test reference. Iterate until ||P(t+1) - P(t)||_1 <= eps or
   ``max_iter`` steps.
 
-  ``teleport=uniform`` (faithful Eq. 10): teleport (1-d)/H. Its fixed point does not depend on P(0), so I_h
-  changes the result only through early stopping (REFERENCE.md). ``teleport=information``: teleport
-  (1-d) * I / sum(I) (personalised PageRank; I_h >= 1 always, so the normalisation is a plain sum).
+  ``teleport=uniform`` (faithful Eq. 10): teleport (1-d)/H. Its fixed point does not depend on P(0) (a damped
+  Markov chain with d < 1 has one stationary distribution), so I_h changes the result only through early
+  stopping. ``teleport=information``: teleport (1-d) * I / sum(I) (personalised PageRank; I_h >= 1 always, so
+  the normalisation is a plain sum).
   A head whose correlations are all 0 (dangling node) jumps by the teleport vector, as networkx does.
 
 Choices where the paper is silent: the model is scored in eval mode (no dropout / drop-path) under no_grad;

@@ -9,7 +9,9 @@ g_n is the gradient of the cross-entropy loss w.r.t. parameter entry n. Two mode
 
 Candidates (the authors' code): the q, k, v (row slices of the fused qkv), proj, fc1, fc2 weight matrices of every
 block, plus every 1-D parameter (norm weights/biases, linear biases); parameters whose name starts with an
-``exclude`` entry (cls_token, patch_embed, pos_embed, ...) and the classifier head are never scored. The model
+``exclude`` entry (cls_token, patch_embed, pos_embed, ...) and the classifier head are never scored. When
+``patch_embed`` is not excluded, the patch-embedding conv weight is a matrix candidate too, scored as the
+(C, 3*P*P) matrix :func:`~peftbench.backbones.anatomy.patch_embedding_matrix` (GPS's authors select its rows). The model
 is scored as given: ``prepare_model`` hands it over with its freshly initialised head, as the authors' code does.
 Gradients come from ``torch.func`` on detached copies, so no ``.grad`` is touched; modes are restored by
 :class:`~peftbench.scorers.base.Pristine`. Randomness (drop-path in train mode) is seeded from ``seed`` inside
@@ -27,10 +29,21 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from peftbench.backbones import anatomy
-from peftbench.scorers.base import Pristine, matrix_key
+from peftbench.scorers.base import Pristine, matrix_key, patch_key
 
 MODES = ("per_sample", "per_batch")
 MODEL_MODES = ("train", "eval")
+
+
+def matrix_scores(
+    acc: dict[str, torch.Tensor], matrices: dict[str, tuple[str, torch.Tensor | None]]
+) -> dict[str, torch.Tensor]:
+    """{matrix key: (d, c) score} from per-parameter accumulators: q/k/v row slices, conv weights as matrices."""
+    out = {}
+    for key, (name, rows) in matrices.items():
+        a = anatomy.patch_embedding_matrix(acc[name]) if acc[name].ndim > 2 else acc[name]  # conv: (C, 3*P*P)
+        out[key] = a if rows is None else a[rows]
+    return out
 
 
 class Sensitivity:
@@ -78,6 +91,9 @@ class Sensitivity:
             name = name_of[id(block.linear(target).weight)]
             if not self._excluded(model, name):
                 matrices[matrix_key(block, target)] = (name, block.rows(target))
+        conv = anatomy.patch_embedding(model)
+        if conv is not None and not self._excluded(model, name := name_of[id(conv.weight)]):
+            matrices[patch_key(model)] = (name, None)  # its score is the (C, 3*P*P) matrix view
         vectors = []
         if self.vectors:
             vectors = [n for n, p in model.named_parameters() if p.ndim == 1 and not self._excluded(model, n)]
@@ -115,6 +131,6 @@ class Sensitivity:
                         g = per_sample(params, xc, yc)  # {name: (chunk, *param shape)}
                         for n in acc:
                             acc[n] += g[n].float().square().sum(0)
-        scores = {key: acc[name] if rows is None else acc[name][rows] for key, (name, rows) in matrices.items()}
+        scores = matrix_scores(acc, matrices)
         scores.update({n: acc[n] for n in vectors})
         return {key: value.detach() for key, value in scores.items()}  # plain tensors, no autograd history
