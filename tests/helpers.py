@@ -145,7 +145,8 @@ def train_cli(*args: str) -> tuple[int, str, str]:
     from peftbench.train import main
 
     out, err, argv = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = ["peftbench.train", *args]
+    # Hydra would point Python's logging at the redirected streams for good: leave logging alone in-process
+    sys.argv = ["peftbench.train", "hydra/job_logging=none", "hydra/hydra_logging=none", *args]
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
