@@ -59,6 +59,11 @@ def _one_line_error(tmp_path: Path, *overrides: str) -> str:
         (["protocol=paper", "paper_eval_every=0"], "paper_eval_every=0"),
         (["data.batch_size=0"], "data.batch_size=0"),
         (["protocol=nope"], "protocol='nope' is unknown"),
+        (["method=heart_lora", "method.ne=99"], "deactivates 99 of 12 heads"),
+        (["method=lora", "method.targets=[x]"], "unknown target(s) ['x']"),
+        (["method=partial", "method.k=99"], "k must be in [1, 6]"),
+        (["method=phm_adapter", "method.phm_dim=0"], "PHM dimension 0 must divide both widths"),
+        (["method=tina", "method.rho=2"], "rho must be in (0, 1)"),
     ],
 )
 def test_wrong_values_are_one_line(tmp_path, overrides, needle):

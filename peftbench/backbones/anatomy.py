@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftbench.errors import WeightsError
+from peftbench.errors import ConfigError, WeightsError
 
 #: Names of the linear "targets" a method can address inside a block.
 ATTN_TARGETS = ("q", "k", "v", "proj")
@@ -185,7 +185,7 @@ def iter_linear_targets(model: nn.Module, targets: tuple[str, ...]) -> Iterator[
     """Every (block, target) pair present in the model for the requested target names."""
     unknown = set(targets) - set(TARGETS)
     if unknown:
-        raise ValueError(f"unknown target(s) {sorted(unknown)}; choose from {list(TARGETS)}")
+        raise ConfigError(f"unknown target(s) {sorted(unknown)}; choose from {list(TARGETS)}")
     for b in blocks(model):
         for t in targets:
             if t in b.targets():
@@ -211,7 +211,7 @@ def patch_embedding(model: nn.Module) -> nn.Module | None:
 def set_patch_embedding(model: nn.Module, new: nn.Module) -> None:
     """Replace the patch-embedding conv (e.g. by a wrapper whose ``base_layer`` is the conv)."""
     if patch_embedding_path(model) is None:
-        raise ValueError(f"{type(model).__name__} has no patch-embedding convolution")
+        raise ConfigError(f"{type(model).__name__} has no patch-embedding convolution")
     model.patch_embed.proj = new
 
 

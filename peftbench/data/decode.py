@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from peftbench.data.base import SplitArrays
-from peftbench.errors import DataError
+from peftbench.errors import ConfigError, DataError
 
 CACHE_FORMAT = 1  # bump when the on-disk layout changes
 CACHE_DIRNAME = ".peftbench_cache"
@@ -56,9 +56,9 @@ class ImageTransform:
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERP:
-            raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, got {self.interpolation!r}")
+            raise ConfigError(f"interpolation must be one of {sorted(_INTERP)}, got {self.interpolation!r}")
         if self.crop is not None and self.crop > self.resize:
-            raise ValueError(f"crop {self.crop} larger than resize {self.resize}")
+            raise ConfigError(f"crop {self.crop} larger than resize {self.resize}")
 
     @property
     def fixed_size(self) -> int | None:
@@ -300,7 +300,7 @@ def build_split(
     if labels is not None:
         labels = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels, dtype=torch.int64)
         if len(labels) != len(items):
-            raise ValueError(f"{len(items)} items but {len(labels)} labels")
+            raise ConfigError(f"{len(items)} items but {len(labels)} labels")
     collected: list[int] = []
     writer = _Writer(entry if len(items) else None, len(items), fixed_size)  # empty files cannot be mapped
     try:
