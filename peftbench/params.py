@@ -11,25 +11,24 @@ from __future__ import annotations
 import json
 import sys
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from peftbench.accounting import backbone_size, parameter_report
+from peftbench.compose import build_task, choices, compose_config, instantiate_group
 from peftbench.data.datamodule import VisionDataModule
 from peftbench.methods.base import prepare_model
-from peftbench.train import build_task, choices, compose_config
 
 
 def parameter_accounting(cfg: DictConfig) -> dict:
     """Build backbone + method from ``cfg``, apply the method, and return the accounting."""
-    method = instantiate(cfg.method)
-    scorer = instantiate(cfg.scorer) if cfg.get("scorer") else None
+    method = instantiate_group(cfg.method, "method")
+    scorer = instantiate_group(cfg.scorer, "scorer") if cfg.get("scorer") else None
     needs_data = method.needs_scores or scorer is not None
     if not needs_data:
         with open_dict(cfg):
             cfg.backbone.pretrained = False
     task = build_task(cfg.dataset)
-    model = instantiate(cfg.backbone, num_classes=task.num_classes)
+    model = instantiate_group(cfg.backbone, "backbone", num_classes=task.num_classes)
     pretrained = backbone_size(model)
     batches = None
     if needs_data:
