@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
@@ -22,6 +23,7 @@ from peftbench.train import build_task, choices, compose_config
 
 def parameter_accounting(cfg: DictConfig) -> dict:
     """Build backbone + method from ``cfg``, apply the method, and return the accounting."""
+    torch.manual_seed(cfg.seed)  # the fresh head (and so a scorer's gradients) as in a training run
     method = instantiate(cfg.method)
     scorer = instantiate(cfg.scorer) if cfg.get("scorer") else None
     needs_data = method.needs_scores or scorer is not None
