@@ -53,34 +53,31 @@ _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
 BUDGET_TOLERANCE = 0.02
 
 
-def parse_budget(budget: int | float | str, backbone: int | None = None) -> int:
-    """Parameters in a budget given as a number, a string like ``0.4M`` / ``400K`` / ``4e5``, or a percentage of
-    the ``backbone`` (``0.26%``: needs ``backbone``, its parameter count without the head)."""
-    if isinstance(budget, bool):
-        raise ValueError(f"cannot parse budget {budget!r}; use a number, e.g. 0.4M / 400K, or a percentage 0.26%")
-    if isinstance(budget, (int, float)):
-        value = float(budget)
+_BUDGET = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGbB%]?)\s*")
+
+
+def split_budget(budget: int | float | str) -> tuple[float, bool]:
+    """(value, is a percentage) of a budget: a number, ``0.4M`` / ``400K`` / ``4e5``, or ``0.26%`` of the backbone."""
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        value, unit = float(budget), ""
     else:
-        m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([kKmMgGbB%]?)\s*", str(budget))
+        m = _BUDGET.fullmatch(str(budget))
         if not m:
-            raise ValueError(f"cannot parse budget {budget!r}; use a number, e.g. 0.4M / 400K, or a percentage 0.26%")
-        try:
-            value = float(m.group(1))
-        except ValueError as err:
-            raise ValueError(f"cannot parse budget {budget!r}; use e.g. 0.4M / 400K / 0.26%") from err
-        if m.group(2) == "%":
-            if backbone is None:
-                return -1 if value >= 0 else _negative(budget)  # validated only; resolved against a model later
-            value = value / 100.0 * backbone
-        else:
-            value *= _SUFFIX[m.group(2).upper()]
-    if value < 0 or math.isnan(value):
-        _negative(budget)
+            raise ValueError(f"cannot parse budget {budget!r}; use a number, e.g. 0.4M / 400K, or a share 0.26%")
+        value, unit = float(m.group(1)), m.group(2).upper()
+    if not value >= 0:  # also NaN
+        raise ValueError(f"budget must be >= 0, got {budget!r}")
+    return (value, True) if unit == "%" else (value * _SUFFIX[unit], False)
+
+
+def parse_budget(budget: int | float | str, backbone: int | None = None) -> int:
+    """Parameters in a budget (see :func:`split_budget`); a percentage is of ``backbone`` (its parameters, no head)."""
+    value, share = split_budget(budget)
+    if share:
+        if backbone is None:
+            raise ValueError(f"budget {budget!r} is a share of the backbone: give the backbone's parameter count")
+        value = value / 100.0 * backbone
     return int(round(value))
-
-
-def _negative(budget) -> int:
-    raise ValueError(f"budget must be >= 0, got {budget!r}")
 
 
 def top_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -241,10 +238,11 @@ class SPT(Method):
     ) -> None:
         if budget is None and tau is None:
             raise ValueError("SPT needs method.budget (trainable parameters, e.g. 0.4M or 0.26%) or method.tau")
-        if budget is not None:
-            parse_budget(budget)  # fail early on a malformed budget
+        share = budget is not None and split_budget(budget)[1]  # fails early on a malformed budget
         self.budget_spec = None if budget is None else str(budget).strip()
-        self.budget = None if budget is None or self.budget_spec.endswith("%") else parse_budget(budget)
+        self.budget = None if budget is None or share else parse_budget(budget)  # None: a share, resolved in select
+        if tau is not None and split_budget(tau)[1]:
+            raise ValueError(f"tau is a number of sensitive entries, not a share: got {tau!r}")
         self.tau = None if tau is None else parse_budget(tau)
         if float(alpha) <= 0 or float(beta) <= 0:
             raise ValueError(f"alpha and beta must be > 0, got alpha={alpha}, beta={beta}")
@@ -338,8 +336,9 @@ class SPT(Method):
             "budget_met": abs(count - budget) <= BUDGET_TOLERANCE * budget,
             "budget_note": None,
         }
-        if self.budget_spec.endswith("%"):
-            info["budget_percent"] = float(self.budget_spec[:-1])
+        value, share = split_budget(self.budget_spec)
+        if share:
+            info["budget_percent"] = value
         if seen.get(cands.n, -1) < budget and tau == cands.n:
             info["budget_note"] = (
                 f"budget {budget:,} exceeds what {self.name} can train here: every candidate selected gives {count:,}"
