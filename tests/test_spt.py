@@ -190,6 +190,8 @@ def test_allocation_honours_alpha_beta_at_a_given_tau():
     s = state["summary"]
     assert s["unstructured_entries"] == 43 and s["vector_entries"] == 4 and s["cls_token"] == C
     assert s["trainable_backbone"] == 43 + 384 + C + 4 + C
+    masks = SPTLoRA(tau=91).sensitive_masks(model, crafted_scores(model))  # {scored key: mask}, as CDRA-SPT used it
+    assert sum(int(m.sum()) for m in masks.values()) == 91 and int(masks["blocks.0.attn.qkv.weight:q"].sum()) == 39
     ablated = SPTLoRA(tau=91, structured=False).select(model, crafted_scores(model))
     assert ablated["structured"] == [] and ablated["summary"]["unstructured_entries"] == 82
 
