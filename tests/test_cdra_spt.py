@@ -16,6 +16,7 @@ from peftbench.train import compose_config, execute
 from tests.helpers import SCORED_TINY, TINY
 
 C = 24
+DUMMY_BATCH = (None, torch.zeros(1))  # the crafted scorers below read no data; prepare_model wants some
 QROWS = torch.tensor([0, 2, 3, 5, 7, 9, 11, 13, 16, 17, 19, 23])  # (12,)
 QCOLS = torch.tensor([1, 3, 4, 6, 8, 9, 10, 14, 15, 20, 21, 22])  # (12,)
 FCOLS = torch.arange(0, 24, 2)  # (12,)
@@ -162,7 +163,9 @@ def test_budget_takes_spt_lora_selection_and_cdra_trains_less(budget):
     model = micro()
     scores = random_scores(model)
     spt = SPTLoRA(budget=budget, rank=8).select(model, scores)
-    state = prepare_model(model, method := CDRASPT(budget=budget), scorer=lambda m, b: scores, batches=lambda: [])
+    state = prepare_model(
+        model, method := CDRASPT(budget=budget), scorer=lambda m, b: scores, batches=lambda: [DUMMY_BATCH]
+    )
     s = method.describe(state)
     assert state["tau"] == spt["tau"] and s["budget_of"] == "spt"  # SPT's selection, reused as is
     assert s["spt_trainable"] == s["searched_trainable"] == spt["summary"]["trainable_backbone"]

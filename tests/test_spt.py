@@ -24,6 +24,7 @@ from peftbench.scorers.sensitivity import Sensitivity
 from peftbench.train import compose_config, execute
 from tests.helpers import SCORED_TINY, TINY
 
+DUMMY_BATCH = (None, torch.zeros(1))  # the crafted scorers below read no data; prepare_model wants some
 C = 24  # micro width: q slice 24x24, LoRA-8 on q = 8*(24+24) = 384 params -> alpha=10 threshold 38.4
 QKV_BIAS = "blocks.0.attn.qkv.bias"
 
@@ -118,7 +119,9 @@ def test_budget_is_trainable_parameters_nearest_achievable(budget):
     scores = random_scores(model)
     ref = reference_trainable(model, scores)  # ref[tau]: trainable count at every tau
     best = min(abs(t - budget) for t in ref)
-    state = prepare_model(model, method := SPTLoRA(budget=budget), scorer=lambda m, b: scores, batches=lambda: [])
+    state = prepare_model(
+        model, method := SPTLoRA(budget=budget), scorer=lambda m, b: scores, batches=lambda: [DUMMY_BATCH]
+    )
     s = method.describe(state)
     assert abs(s["trainable_backbone"] - budget) == best  # nearest achievable count of all taus
     assert s["trainable_backbone"] == ref[s["tau"]] == trainable_backbone(model)  # what really trains
@@ -201,7 +204,7 @@ def test_vector_below_beta_keeps_its_sensitive_entries():
     model, x = micro(), torch.randn(2, 3, 16, 16)
     scores = crafted_scores(model)
     hot = scores["blocks.1.norm2.bias"].topk(4).indices.sort().values
-    state = prepare_model(model, SPTLoRA(tau=91), scorer=lambda m, b: scores, batches=lambda: [])
+    state = prepare_model(model, SPTLoRA(tau=91), scorer=lambda m, b: scores, batches=lambda: [DUMMY_BATCH])
     assert state["vector_entries"]["blocks.1.norm2.bias"].tolist() == hot.tolist()  # 4/24 < 1/beta: its entries
     before = {k: v.clone() for k, v in micro().state_dict().items()}
     with torch.no_grad():
@@ -221,7 +224,7 @@ def test_fused_qkv_bias_is_judged_as_three_vectors():
     bias = scores[QKV_BIAS]  # (3C,) q | k | v
     bias[[0, 3, 7, 11, 20]] = 1.0  # q: 5/24 >= 1/5 -> q's 24 entries
     bias[[C + 1, C + 2, C + 9, C + 17]] = 1.0  # k: 4/24 < 1/5 -> those 4 entries
-    state = prepare_model(model, method := SPTLoRA(tau=9), scorer=lambda m, b: scores, batches=lambda: [])
+    state = prepare_model(model, method := SPTLoRA(tau=9), scorer=lambda m, b: scores, batches=lambda: [DUMMY_BATCH])
     expected = list(range(C)) + [C + 1, C + 2, C + 9, C + 17]
     assert state["vector_entries"][QKV_BIAS].tolist() == expected  # as one 72-vector (9/72 < 1/5): nothing tuned
     s = method.describe(state)
@@ -236,9 +239,11 @@ def test_structured_only_keeps_whole_vectors_and_cls_token_is_counted():
     assert only["vectors"] == ["blocks.0.norm1.weight"]  # authors' structured-only mode: vectors stay whole
     assert only["summary"]["trainable_backbone"] == 384 + C + C
     no_cls = micro()
-    prepare_model(no_cls, SPTLoRA(tau=91, cls_token=False), scorer=lambda m, b: crafted_scores(m), batches=lambda: [])
+    prepare_model(
+        no_cls, SPTLoRA(tau=91, cls_token=False), scorer=lambda m, b: crafted_scores(m), batches=lambda: [DUMMY_BATCH]
+    )
     cls = micro()
-    state = prepare_model(cls, SPTLoRA(tau=91), scorer=lambda m, b: crafted_scores(m), batches=lambda: [])
+    state = prepare_model(cls, SPTLoRA(tau=91), scorer=lambda m, b: crafted_scores(m), batches=lambda: [DUMMY_BATCH])
     assert cls.cls_token.requires_grad and not no_cls.cls_token.requires_grad
     assert trainable_backbone(cls) - trainable_backbone(no_cls) == C == state["summary"]["cls_token"]
 
@@ -246,14 +251,14 @@ def test_structured_only_keeps_whole_vectors_and_cls_token_is_counted():
 def test_structured_branches_have_dropout_on_their_input_but_proj():
     model = micro()
     scores = crafted_scores(model, {"blocks.0.attn.qkv.weight:q": 60, "blocks.0.attn.proj.weight": 60})
-    prepare_model(model, SPTLoRA(tau=120), scorer=lambda m, b: scores, batches=lambda: [])
+    prepare_model(model, SPTLoRA(tau=120), scorer=lambda m, b: scores, batches=lambda: [DUMMY_BATCH])
     blk = anatomy.blocks(model)[0]
     qkv, proj = blk.linear("q"), blk.linear("proj")
     assert isinstance(qkv, LoRALinear) and isinstance(qkv.lora_dropout, torch.nn.Dropout) and qkv.lora_dropout.p == 0.1
     assert isinstance(proj, LoRALinear) and isinstance(proj.lora_dropout, torch.nn.Identity)  # as the authors' proj
     ad = micro()
     scores = crafted_scores(ad, {"blocks.0.attn.qkv.weight:q": 60})
-    prepare_model(ad, SPTAdapter(tau=60, alpha=7), scorer=lambda m, b: scores, batches=lambda: [])
+    prepare_model(ad, SPTAdapter(tau=60, alpha=7), scorer=lambda m, b: scores, batches=lambda: [DUMMY_BATCH])
     layer = anatomy.blocks(ad)[0].linear("q")
     assert isinstance(layer, SliceAdapter) and layer.dropout.p == 0.1
     for name in ("spt_lora", "spt_adapter"):
@@ -313,7 +318,9 @@ def test_spt_adapter_places_one_adapter_on_each_structured_matrix_output():
     ref = model(x)
     hot = {"blocks.0.attn.qkv.weight:q": 42, "blocks.1.mlp.fc1.weight": 164, "blocks.1.attn.proj.weight": 42}
     scores = crafted_scores(model, hot)
-    state = prepare_model(model, method := SPTAdapter(tau=248), scorer=lambda m, b: scores, batches=lambda: [])
+    state = prepare_model(
+        model, method := SPTAdapter(tau=248), scorer=lambda m, b: scores, batches=lambda: [DUMMY_BATCH]
+    )
     torch.testing.assert_close(model(x), ref, rtol=0, atol=0)  # up projections start at zero: step 0 = backbone
     blk0, blk1 = anatomy.blocks(model)
     assert isinstance(blk0.linear("q"), SliceAdapter) and len(blk0.linear("q").adapters) == 1
@@ -334,7 +341,9 @@ def test_spt_adapter_places_one_adapter_on_each_structured_matrix_output():
 def test_spt_adapter_proj_sequential_option_is_on_proj_output():
     model = micro()
     scores = crafted_scores(model, {"blocks.1.attn.proj.weight": 42})
-    prepare_model(model, SPTAdapter(tau=42, proj_adapter="sequential"), scorer=lambda m, b: scores, batches=lambda: [])
+    prepare_model(
+        model, SPTAdapter(tau=42, proj_adapter="sequential"), scorer=lambda m, b: scores, batches=lambda: [DUMMY_BATCH]
+    )
     layer = anatomy.blocks(model)[1].linear("proj")
     assert isinstance(layer, SliceAdapter) and layer.whole and isinstance(layer.dropout, torch.nn.Identity)
     with torch.no_grad():
@@ -352,7 +361,7 @@ def test_apply_trainable_set_matches_summary_and_step0_is_identity(cls):
     model, x = micro(), torch.randn(2, 3, 16, 16)
     ref = model(x)
     method = cls(tau=91) if cls is SPTLoRA else cls(tau=91, alpha=10.7)  # adapter: 416/10.7 = 38.9 <= 39
-    state = prepare_model(model, method, scorer=lambda m, b: crafted_scores(m), batches=lambda: [])
+    state = prepare_model(model, method, scorer=lambda m, b: crafted_scores(m), batches=lambda: [DUMMY_BATCH])
     assert trainable_backbone(model) == method.describe(state)["trainable_backbone"]
     torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
     blk = anatomy.blocks(model)
@@ -370,7 +379,7 @@ def test_apply_trainable_set_matches_summary_and_step0_is_identity(cls):
 
 def test_spt_lora_merges_into_plain_timm_model():
     model, x = micro(), torch.randn(2, 3, 16, 16)
-    prepare_model(model, SPTLoRA(tau=91), scorer=lambda m, b: crafted_scores(m), batches=lambda: [])
+    prepare_model(model, SPTLoRA(tau=91), scorer=lambda m, b: crafted_scores(m), batches=lambda: [DUMMY_BATCH])
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n or "sparse_delta" in n or "deltas" in n:
