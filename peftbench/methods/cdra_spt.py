@@ -101,7 +101,7 @@ class CDRASPT(SPTLoRA):
 
     def __init__(
         self,
-        budget: int | float | str | None = "0.4M",
+        budget: int | float | str | None = "0.47%",
         tau: int | float | str | None = None,
         budget_of: str = "spt",
         rank: int | None = None,

@@ -226,7 +226,7 @@ class SPT(Method):
 
     def __init__(
         self,
-        budget: int | float | str | None = "0.4M",
+        budget: int | float | str | None = "0.47%",
         tau: int | float | str | None = None,
         alpha: float = 10.0,
         beta: float = 5.0,
