@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
+import torch
 from omegaconf import DictConfig, open_dict
 
 from peftbench.accounting import backbone_size, parameter_report
@@ -21,6 +22,7 @@ from peftbench.methods.base import prepare_model
 
 def parameter_accounting(cfg: DictConfig) -> dict:
     """Build backbone + method from ``cfg``, apply the method, and return the accounting."""
+    torch.manual_seed(cfg.seed)  # the fresh head (and so a scorer's gradients) as in a training run
     method = instantiate_group(cfg.method, "method")
     scorer = instantiate_group(cfg.scorer, "scorer") if cfg.get("scorer") else None
     needs_data = method.needs_scores or scorer is not None

@@ -235,6 +235,22 @@ def prefix_tokens(model: nn.Module) -> int:
     return int(getattr(model, "num_prefix_tokens", 1))
 
 
+def class_token(model: nn.Module) -> nn.Parameter | None:
+    """The class token of a timm ViT (``model.cls_token``, (1, 1, C)); None when the model has none (Swin, ConvNeXt)."""
+    token = getattr(model, "cls_token", None)
+    return token if isinstance(token, nn.Parameter) else None
+
+
+def qkv_bias_name(block: BlockView) -> str | None:
+    """Parameter name of the fused qkv bias (3C,) of ``block`` (rows as :meth:`BlockView.rows`), None without one."""
+    if block.attn is None:
+        return None
+    layer = block.linear("q")
+    while hasattr(layer, "base_layer"):
+        layer = layer.base_layer
+    return f"{block.linear_path('q')}.bias" if getattr(layer, "bias", None) is not None else None
+
+
 def final_norm(model: nn.Module) -> nn.Module | None:
     """The norm after the last block (``model.norm`` for ViT/Swin, ``model.head.norm`` for ConvNeXt), if any."""
     norm = getattr(model, "norm", None)
