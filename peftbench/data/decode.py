@@ -16,6 +16,7 @@ import io
 import json
 import os
 import stat
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import PIL
 import torch
 from PIL import Image
 
+from peftbench.console import say
 from peftbench.data.base import SplitArrays
 from peftbench.errors import ConfigError, DataError
 
@@ -303,6 +305,10 @@ def build_split(
             raise ConfigError(f"{len(items)} items but {len(labels)} labels")
     collected: list[int] = []
     writer = _Writer(entry if len(items) else None, len(items), fixed_size)  # empty files cannot be mapped
+    start = time.perf_counter()
+    if len(items) >= 200:  # a first decode of a real split takes a while: say what is happening
+        where = f" into {entry}" if entry is not None else ""
+        say(f"decoding {len(items)} images once{where} (later runs load them in a second) ...")
     try:
         for i, out in enumerate(_ordered(items, fn, num_workers or default_num_workers())):
             if labels is None:
@@ -311,7 +317,10 @@ def build_split(
             writer.add(i, out)
         if labels is None:
             labels = torch.tensor(collected, dtype=torch.int64)
-        return writer.finish(labels, key)
+        split = writer.finish(labels, key)
+        if len(items) >= 200:
+            say(f"decoded {len(items)} images in {time.perf_counter() - start:.1f}s")
+        return split
     finally:
         writer.abort()  # removes leftovers of a failed build; a no-op after finish()
 
