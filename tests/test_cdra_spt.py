@@ -190,7 +190,6 @@ def test_end_to_end_run(tmp_path):
         + [
             f"paths.output_dir={tmp_path}/outputs",
             "method=cdra_spt",
-            "scorer=sensitivity",
             "method.budget=5K",
             *SCORED_TINY,
         ]

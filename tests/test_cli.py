@@ -78,7 +78,7 @@ DDP_METHODS = {  # methods that select from data or change the model during fit,
              "method.score=activation", "scoring.n_samples=32", "trainer.max_epochs=3"],
     "heart_lora": ["method=heart_lora", "method.ne=2", "method.warmup_epochs=1", "scoring.n_samples=32",
                    "trainer.max_epochs=2"],
-    "spt_lora": ["method=spt_lora", "scorer=sensitivity", "method.budget=20K", "scoring.n_samples=32",
+    "spt_lora": ["method=spt_lora", "method.budget=20K", "scoring.n_samples=32",
                  "scoring.batch_size=16", "trainer.max_epochs=1"],
 }
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
+from peftbench.compose import CONFIG_DIR, build_task, compose_config
 from peftbench.data.base import Task
-from peftbench.train import build_task, compose_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -67,3 +67,23 @@ def test_experiment_and_sweep_options_compose(group):
     for option in options(group):
         cfg = compose_config([f"{group}={option}"])
         assert cfg.trainer.max_epochs >= 1
+
+
+@pytest.mark.parametrize(
+    ("method", "scorer"),
+    [("spt_lora", "sensitivity"), ("spt_adapter", "sensitivity"), ("cdra_spt", "sensitivity"),
+     ("child_tuning", "sensitivity"), ("gps", "contrastive"), ("hifi", "hifi")],
+)
+def test_a_method_brings_its_scorer_and_the_command_line_still_wins(method, scorer):
+    cfg = compose_config([f"method={method}"])
+    assert cfg._choices_["scorer"] == scorer and getattr(instantiate(cfg.method), "needs_scores", False)
+    other = "hifi" if scorer != "hifi" else "sensitivity"
+    assert compose_config([f"method={method}", f"scorer={other}"])._choices_["scorer"] == other
+    assert compose_config([f"method={method}", "~scorer"]).get("scorer") is None
+
+
+def test_methods_that_need_no_scores_bring_no_scorer():
+    for path in sorted((Path(CONFIG_DIR) / "method").glob("*.yaml")):
+        cfg = compose_config([f"method={path.stem}"])
+        if not getattr(instantiate(cfg.method), "needs_scores", False):
+            assert cfg.get("scorer") is None, path.stem

@@ -26,7 +26,7 @@ def no_network(monkeypatch):
 def test_a_scorer_method_without_weights_or_data_scores_random_weights_on_synthetic_batches(
     tmp_path, capsys, no_network
 ):
-    args = ["method=gps", "scorer=contrastive", "dataset=vtab/dtd", f"paths.data_dir={tmp_path}",
+    args = ["method=gps", "dataset=vtab/dtd", f"paths.data_dir={tmp_path}",
             "backbone.pretrained=true", "backbone.asset=null", "scoring.n_samples=8", "scoring.batch_size=4"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
@@ -41,7 +41,7 @@ def test_a_hub_backbone_is_never_downloaded(capsys, no_network):
 
 
 def test_packaged_weights_and_embedded_data_are_used_when_there(capsys, no_network):
-    assert main(["method=spt_lora", "scorer=sensitivity", "scoring.n_samples=16"]) == 0
+    assert main(["method=spt_lora", "scoring.n_samples=16"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["weights"] == "local: vit_micro.safetensors" and "on disk" in report["scoring_data"]
 

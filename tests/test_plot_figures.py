@@ -38,9 +38,9 @@ def scored(tmp_path_factory) -> dict[str, Path]:
 
     folder = tmp_path_factory.mktemp("scores")
     runs = {
-        "spt": ["scorer=sensitivity", "method=spt_lora", "method.budget=2K", "method.structured=false"],
-        "cdra": ["scorer=sensitivity", "method=cdra_spt", "method.budget=20K"],
-        "hifi": ["scorer=hifi", "method=hifi"],
+        "spt": ["method=spt_lora", "method.budget=2K", "method.structured=false"],
+        "cdra": ["method=cdra_spt", "method.budget=20K"],
+        "hifi": ["method=hifi"],
     }
     files = {}
     for name, extra in runs.items():

@@ -208,7 +208,7 @@ def test_a_warm_up_as_long_as_the_run_is_flagged(tmp_path):
 
 
 def test_scoring_says_what_it_does(tmp_path):
-    code, _, err = train_cli(*_args(tmp_path, "trainer.max_epochs=1", "method=spt_lora", "scorer=sensitivity",
+    code, _, err = train_cli(*_args(tmp_path, "trainer.max_epochs=1", "method=spt_lora",
                                     "scoring.n_samples=16"))
     assert code == 0, err
     assert "scoring the pre-trained model with Sensitivity on the first 16 training images" in err

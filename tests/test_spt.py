@@ -400,7 +400,6 @@ def test_end_to_end_run(tmp_path, method):
         + [
             f"paths.output_dir={tmp_path}/outputs",
             f"method={method}",
-            "scorer=sensitivity",
             "method.budget=5K",
             *SCORED_TINY,
         ]
@@ -420,7 +419,6 @@ def test_score_cli_writes_loadable_file(tmp_path, monkeypatch):
     rc = score.main(
         TINY
         + [
-            "scorer=sensitivity",
             "method=spt_lora",
             "method.budget=2K",
             "scoring.n_samples=16",
