@@ -32,6 +32,7 @@ from peftbench.compose import (  # noqa: F401 - compose_config: tests import it 
     compose_config,
     config_key,
     instantiate_group,
+    point_keys,
     record_choices,
 )
 from peftbench.console import quiet_third_party, rank_zero, say
@@ -285,12 +286,14 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     record_choices(cfg)
     key = config_key(cfg)
     picked = choices(cfg)
+    keys = point_keys(cfg)
     rank0 = rank_zero()
     with claim(run_dir, key, bool(cfg.resume)) if rank0 else contextlib.nullcontext(None) as previous:
         if previous is not None and previous.get("status") == "ok":  # resume of a finished run: nothing to do
             return previous
         record: dict[str, Any] = {
             "key": key,
+            **keys,
             "group": cfg.get("group"),
             "run_dir": str(run_dir.resolve()),
             "method": picked.get("method", OmegaConf.select(cfg, "method._target_")),

@@ -87,3 +87,17 @@ def test_methods_that_need_no_scores_bring_no_scorer():
         cfg = compose_config([f"method={path.stem}"])
         if not getattr(instantiate(cfg.method), "needs_scores", False):
             assert cfg.get("scorer") is None, path.stem
+
+
+def test_point_keys_leave_out_the_seed_and_then_the_task_but_nothing_else():
+    from peftbench.compose import point_keys
+
+    def keys(*overrides: str) -> dict:
+        return point_keys(compose_config(["method=spt_lora", *overrides]))
+
+    base = keys("seed=0")
+    assert keys("seed=1") == base  # scorer.seed follows ${seed}: still one point
+    assert keys("seed=0", "dataset=embedded/texture")["key_variant"] == base["key_variant"]
+    assert keys("seed=0", "dataset=embedded/texture")["key_seedless"] != base["key_seedless"]
+    assert keys("seed=0", "trainer.max_epochs=2")["key_variant"] != base["key_variant"]
+    assert keys("seed=0", "dataset=vtab/dtd")["key_variant"] != base["key_variant"]  # another recipe (100 epochs)
