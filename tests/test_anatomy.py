@@ -55,3 +55,32 @@ def test_unknown_target_is_rejected():
 def test_check_structure_rejects_foreign_models():
     with pytest.raises(WeightsError, match="found no blocks"):
         anatomy.check_structure(torch.nn.Sequential(torch.nn.Linear(3, 3)), "mystery")
+
+
+def test_one_accessor_for_wrappers_embedding_roles_and_matrix_names():
+    from torch import nn
+
+    from peftbench.backbones import anatomy
+    from peftbench.layers.lora import LoRALinear
+
+    base = nn.Linear(8, 8)
+    wrapped = LoRALinear(LoRALinear(base, 2), 2)
+    assert anatomy.base_layer(wrapped) is base and anatomy.base_layer(base) is base
+    assert [anatomy.embedding_part(n) for n in ("cls_token", "reg_token", "pos_embed", "patch_embed.proj.weight",
+                                                  "blocks.0.norm1.weight")] == [*anatomy.EMBEDDING_PARTS, None]
+    assert anatomy.matrix_target("blocks.3.attn.qkv.weight") == ("blocks.3", "qkv")
+    assert anatomy.matrix_target("layers.1.blocks.0.attn.proj.weight") == ("layers.1.blocks.0", "proj")
+    assert anatomy.matrix_target("blocks.0.mlp.fc2.weight") == ("blocks.0", "fc2")
+    assert anatomy.matrix_target("blocks.0.norm1.weight") is None and anatomy.matrix_target("x.bias") is None
+
+
+def test_pre_logits_are_what_the_head_reads():
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    from peftbench.backbones import anatomy
+
+    model = VisionTransformer(img_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=2, num_classes=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(anatomy.head(model)(anatomy.pre_logits(model, x)), model(x))

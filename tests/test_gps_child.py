@@ -273,7 +273,7 @@ def test_supcon_loss_and_contrastive_scorer_is_pure():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(scores[k], v) for k, v in Contrastive()(model, [(x[:4], y[:4]), (x[4:], y[4:])]).items())
-    exclude = ("cls_token", "reg_token", "pos_embed")  # the patch embedding is scored for GPS
+    exclude = ("class_token", "register_tokens", "position_embedding")  # the patch embedding is scored for GPS
     ref = Sensitivity(model_mode="eval", vectors=False, exclude=exclude)(model, [data()])
     assert scores.keys() == ref.keys() and all(scores[k].shape == ref[k].shape for k in ref)
     assert "patch_embed.proj.weight" in scores and not any(v.ndim == 1 for v in scores.values())

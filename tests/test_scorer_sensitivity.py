@@ -80,7 +80,9 @@ def test_candidates_shapes_and_exclusions():
     assert "blocks.1.attn.qkv.bias" in scores and "norm.weight" in scores
     for k in scores:
         assert not k.startswith(("head", "cls_token", "pos_embed", "patch_embed")), k
-    assert not any(k.startswith("blocks.0") for k in Sensitivity(exclude=("blocks",))(model, data(3, 3)))
+    assert "patch_embed.proj.weight" in Sensitivity(exclude=("class_token",))(model, data(3, 3))  # a role kept
+    with pytest.raises(ValueError, match="unknown role"):
+        Sensitivity(exclude=("blocks",))
 
 
 @pytest.mark.parametrize("mode", ["per_batch", "per_sample"])

@@ -120,10 +120,15 @@ def blocks(model: nn.Module) -> list[BlockView]:
     return views
 
 
+def base_layer(layer: nn.Module | None) -> nn.Module | None:
+    """The original layer inside (nested) tuner wrappers (``layer`` itself when it is not wrapped)."""
+    while hasattr(layer, "base_layer"):
+        layer = layer.base_layer
+    return layer
+
+
 def _in_features(layer: nn.Module) -> int:
-    base = layer
-    while hasattr(base, "base_layer"):  # through (nested) tuner wrappers to the original layer
-        base = base.base_layer
+    base = base_layer(layer)
     if isinstance(base, nn.Linear):
         return base.in_features
     if isinstance(base, nn.Conv2d):
@@ -170,9 +175,7 @@ def check_structure(model: nn.Module, name: str) -> None:
         )
     for b in views:
         if b.attn is not None:
-            base = b.linear("q")
-            while hasattr(base, "base_layer"):
-                base = base.base_layer
+            base = base_layer(b.linear("q"))
             if not isinstance(base, nn.Linear) or base.out_features != 3 * b.dim:
                 raise WeightsError(f"backbone {name!r}: {b.path}.attn.qkv is not a Linear(C, 3C)")
             if b.dim % b.num_heads:
@@ -196,10 +199,7 @@ def iter_linear_targets(model: nn.Module, targets: tuple[str, ...]) -> Iterator[
 def patch_embedding_path(model: nn.Module) -> str | None:
     """Dotted path of the patch-embedding convolution (timm ViT / Swin: ``patch_embed.proj``), None without one."""
     proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-    base = proj
-    while hasattr(base, "base_layer"):  # through a tuner wrapper to the original conv
-        base = base.base_layer
-    return "patch_embed.proj" if isinstance(base, nn.Conv2d) else None
+    return "patch_embed.proj" if isinstance(base_layer(proj), nn.Conv2d) else None
 
 
 def patch_embedding(model: nn.Module) -> nn.Module | None:
@@ -230,6 +230,36 @@ def token_parameters(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_parameters() if name in listed}
 
 
+#: the parameters outside every block, by role: what a scorer's ``exclude`` names (never timm's attribute names)
+EMBEDDING_PARTS = ("class_token", "register_tokens", "position_embedding", "patch_embedding")
+_EMBEDDING_PREFIX = {"cls_token": "class_token", "reg_token": "register_tokens", "pos_embed": "position_embedding",
+                     "patch_embed": "patch_embedding"}
+
+
+def embedding_part(name: str) -> str | None:
+    """The :data:`EMBEDDING_PARTS` role of parameter ``name`` (``pos_embed`` -> ``position_embedding``), or None."""
+    return _EMBEDDING_PREFIX.get(name.split(".")[0])
+
+
+def matrix_target(weight_name: str) -> tuple[str, str] | None:
+    """(block path, target) of a block linear's weight name, ``blocks.3.attn.qkv.weight`` -> (``blocks.3``,
+    ``qkv``), ``...attn.proj.weight`` -> (..., ``proj``), ``...mlp.fc1.weight`` -> (..., ``fc1``); else None.
+    ``qkv`` stands for the fused q, k, v rows (split them with :meth:`BlockView.rows`)."""
+    if not weight_name.endswith(".weight"):
+        return None
+    path = weight_name[: -len(".weight")]
+    for local in dict.fromkeys(_LOCAL_PATH.values()):
+        if path.endswith("." + local):
+            target = "qkv" if local == _LOCAL_PATH["q"] else next(t for t, v in _LOCAL_PATH.items() if v == local)
+            return path[: -len(local) - 1], target
+    return None
+
+
+def pre_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The features the classifier head reads, (B, C): timm's ``forward_head(forward_features(x), pre_logits=True)``."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
 def prefix_tokens(model: nn.Module) -> int:
     """Number of tokens before the patch tokens (cls + register tokens) in a timm ViT's sequence."""
     return int(getattr(model, "num_prefix_tokens", 1))
@@ -245,9 +275,7 @@ def qkv_bias_name(block: BlockView) -> str | None:
     """Parameter name of the fused qkv bias (3C,) of ``block`` (rows as :meth:`BlockView.rows`), None without one."""
     if block.attn is None:
         return None
-    layer = block.linear("q")
-    while hasattr(layer, "base_layer"):
-        layer = layer.base_layer
+    layer = base_layer(block.linear("q"))
     return f"{block.linear_path('q')}.bias" if getattr(layer, "bias", None) is not None else None
 
 

@@ -128,14 +128,15 @@ def label_of(overrides: Iterable[str] | None, fallback: str) -> str:
 def split_matrix_key(key: str) -> tuple[str, str] | None:
     """``blocks.3.attn.qkv.weight:q`` -> (``blocks.3``, ``q``); ``...attn.proj.weight`` -> (..., ``o``);
     ``...mlp.fc1.weight`` -> (..., ``fc1``); anything else (vectors, head scores) -> None."""
+    from peftbench.backbones.anatomy import matrix_target  # torch only for the figures that need it
+
     name, _, part = key.partition(":")
-    if not name.endswith(".weight"):
+    found = matrix_target(name)
+    if found is None:
         return None
-    path = name[: -len(".weight")]
-    for local, kind in (("attn.qkv", part), ("attn.proj", "o"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
-        if path.endswith("." + local) and kind in TYPES:
-            return path[: -len(local) - 1], kind
-    return None
+    block, target = found
+    kind = {"qkv": part, "proj": "o"}.get(target, target)
+    return (block, kind) if kind in TYPES else None
 
 
 # --- the results index ------------------------------------------------------------------------------------

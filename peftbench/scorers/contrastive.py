@@ -18,7 +18,7 @@ counts. Model in ``eval`` mode by default: the authors score in train mode with 
 for a ViT (no dropout, no batch norm); ``train`` keeps drop-path active.
 
 Candidates and output keys are the sensitivity scorer's (:meth:`Sensitivity.candidates`, reused); with
-``patch_embed`` not excluded the patch-embedding conv is scored as its (C, 3*P*P) matrix (GPS's default here).
+``patch_embedding`` not excluded the patch-embedding conv is scored as its (C, 3*P*P) matrix (GPS's default here).
 ``augment=false`` scores the images as given (one view each; a batch without a same-label pair contributes 0).
 """
 
@@ -84,7 +84,7 @@ class Contrastive:
         normalize: str = "imagenet",
         targets: Sequence[str] = anatomy.TARGETS,
         vectors: bool = False,
-        exclude: Sequence[str] = ("cls_token", "reg_token", "pos_embed"),
+        exclude: Sequence[str] = ("class_token", "register_tokens", "position_embedding"),
         seed: int = 0,
     ) -> None:
         if model_mode not in MODEL_MODES:
@@ -120,7 +120,7 @@ class Contrastive:
                         x, y = two_views(x, self.mean, self.std, views), torch.cat([y, y])  # (2B, 3, H, W), (2B,)
                     g = grad(loss)(params, x, y)  # {name: gradient, shaped like the parameter}
                     for n in acc:
-                        acc[n] += g[n].detach().float()  # other params (pos_embed...) still require grad
+                        acc[n] += g[n].detach().float()  # other params (embeddings...) still require grad
         finally:
             handle.remove()
         acc = {n: a.abs() for n, a in acc.items()}

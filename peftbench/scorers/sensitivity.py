@@ -9,8 +9,9 @@ g_n is the gradient of the cross-entropy loss w.r.t. parameter entry n. Two mode
 
 Candidates (the authors' code): the q, k, v (row slices of the fused qkv), proj, fc1, fc2 weight matrices of every
 block, plus every 1-D parameter (norm weights/biases, linear biases); parameters whose name starts with an
-``exclude`` entry (cls_token, patch_embed, pos_embed, ...) and the classifier head are never scored. When
-``patch_embed`` is not excluded, the patch-embedding conv weight is a matrix candidate too, scored as the
+``exclude`` role (class_token, register_tokens, position_embedding, patch_embedding: see
+:data:`~peftbench.backbones.anatomy.EMBEDDING_PARTS`) and the classifier head are never scored. When
+``patch_embedding`` is not excluded, the patch-embedding conv weight is a matrix candidate too, scored as the
 (C, 3*P*P) matrix :func:`~peftbench.backbones.anatomy.patch_embedding_matrix` (GPS's authors select its rows). The model
 is scored as given: ``prepare_model`` hands it over with its freshly initialised head, as the authors' code does.
 Gradients come from ``torch.func`` on detached copies, so no ``.grad`` is touched; modes are restored by
@@ -55,7 +56,7 @@ class Sensitivity:
         model_mode: ``train`` (drop-path/dropout active, as the authors' code) or ``eval``.
         targets: matrices to score, any of q, k, v, proj, fc1, fc2.
         vectors: whether to score 1-D parameters (norms and biases).
-        exclude: parameter-name prefixes (first dotted component or full name) never scored.
+        exclude: embedding roles never scored (:data:`~peftbench.backbones.anatomy.EMBEDDING_PARTS`).
         chunk_size: samples per vmap call in ``per_sample`` mode.
         seed: seeds drop-path/dropout randomness during scoring.
 
@@ -69,7 +70,7 @@ class Sensitivity:
         model_mode: str = "train",
         targets: Sequence[str] = anatomy.TARGETS,
         vectors: bool = True,
-        exclude: Sequence[str] = ("cls_token", "reg_token", "pos_embed", "patch_embed"),
+        exclude: Sequence[str] = ("class_token", "register_tokens", "position_embedding", "patch_embedding"),
         chunk_size: int = 8,
         seed: int = 0,
     ) -> None:
@@ -78,11 +79,15 @@ class Sensitivity:
         if model_mode not in MODEL_MODES:
             raise ConfigError(f"unknown model_mode {model_mode!r}; choose from {list(MODEL_MODES)}")
         self.mode, self.model_mode, self.targets = mode, model_mode, tuple(targets)
+        unknown = set(exclude) - set(anatomy.EMBEDDING_PARTS)
+        if unknown:
+            parts = ", ".join(anatomy.EMBEDDING_PARTS)
+            raise ConfigError(f"scorer.exclude: unknown role(s) {sorted(unknown)}; choose from {parts}")
         self.vectors, self.exclude = bool(vectors), tuple(exclude)
         self.chunk_size, self.seed = int(chunk_size), int(seed)
 
     def _excluded(self, model: nn.Module, name: str) -> bool:
-        return anatomy.is_head_param(model, name) or name in self.exclude or name.split(".")[0] in self.exclude
+        return anatomy.is_head_param(model, name) or anatomy.embedding_part(name) in self.exclude
 
     def candidates(self, model: nn.Module) -> tuple[dict[str, tuple[str, torch.Tensor | None]], list[str]]:
         """({matrix key: (parameter name, rows or None)}, [vector parameter names])."""
