@@ -27,6 +27,19 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 if not OmegaConf.has_resolver("pid"):  # ${pid:} in run folder names: unique across concurrent processes
     OmegaConf.register_new_resolver("pid", os.getpid)
 
+
+def _register_vtab_resolvers() -> None:
+    """``${vtab_classes:cifar}``, ``${vtab_group:cifar}``, ``${suite_tasks:vtab}``: conf/ reads the task registries."""
+    from peftbench.data import vtab
+
+    for name, fn in (("vtab_classes", vtab.vtab_classes), ("vtab_group", vtab.vtab_group),
+                     ("suite_tasks", vtab.suite_tasks)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+_register_vtab_resolvers()
+
 #: keys that make Hydra's ``instantiate`` import or call something
 INSTANTIATE_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 _OPTION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]*")

@@ -14,7 +14,9 @@ from typing import Any
 RESULTS = "results.json"
 
 # top-level config keys that do not change a run's outcome: left out of its key
-KEY_EXCLUDES = ("run_dir", "resume", "keep_checkpoint", "skip_done", "group", "logger", "paths", "_choices_", "hydra")
+KEY_EXCLUDES = (
+    "run_dir", "resume", "keep_checkpoint", "skip_done", "group", "suite", "logger", "paths", "_choices_", "hydra"
+)
 
 
 def run_key(config: dict[str, Any]) -> str:

@@ -98,8 +98,23 @@ TARGETS = {"vtab": "peftbench.data.vtab.VTABTask", "tfds": "peftbench.data.tfds_
 
 @pytest.mark.parametrize("family,target", TARGETS.items())
 def test_vtab_and_tfds_configs(family, target):
-    files = {p.stem: _load(p) for p in (CONF / family).glob("*.yaml")}
-    assert set(files) == set(VTAB_TASKS) | set(VTAB_ALIASES)
+    """One registry: canonical files read class counts and groups from it, alias files are a defaults line to their
+    canonical file (and compose identically), every table column key is a dataset option."""
+    from peftbench.compose import compose_config
+    from peftbench.data.vtab import VTAB_COLUMNS
+
+    paths = {p.stem: p for p in (CONF / family).glob("*.yaml")}
+    assert set(paths) == set(VTAB_TASKS) | set(VTAB_ALIASES)
+    assert set(VTAB_COLUMNS.values()) <= set(paths)
+    for alias, canonical in VTAB_ALIASES.items():
+        assert OmegaConf.load(paths[alias]) == OmegaConf.create({"defaults": [f"{family}/{canonical}@_here_"]})
+        twins = [compose_config([f"dataset={family}/{o}", "paths.data_dir=/data"]).dataset for o in (alias, canonical)]
+        assert OmegaConf.to_container(twins[0], resolve=True) == OmegaConf.to_container(twins[1], resolve=True)
+    for name in VTAB_TASKS:
+        text = paths[name].read_text()
+        assert f"${{vtab_classes:{name}}}" in text and f"${{vtab_group:{name}}}" in text  # nothing typed twice
+    files = {o: OmegaConf.to_container(compose_config([f"dataset={family}/{o}", "paths.data_dir=/data"]).dataset,
+                                       resolve=True) for o in paths}
     for option, cfg in files.items():
         name = canonical_vtab_name(option)
         assert cfg["_target_"] == target and cfg["name"] == name
@@ -114,5 +129,7 @@ def test_vtab_and_tfds_configs(family, target):
 def test_configs_instantiate_without_touching_disk():
     from hydra.utils import instantiate
 
-    task = instantiate(_load(CONF / "vtab" / "oxford_pet.yaml"))
+    from peftbench.compose import compose_config
+
+    task = instantiate(compose_config(["dataset=vtab/oxford_pet", "paths.data_dir=/data"]).dataset)
     assert isinstance(task, VTABTask) and task.name == "oxford_iiit_pet" and task.num_classes == 37

@@ -11,10 +11,15 @@ from pathlib import Path
 
 from peftbench.data.base import SplitArrays, Task, check_relative
 from peftbench.data.decode import ImageTransform, decode_files, file_sha256, resolve_cache_root
-from peftbench.errors import DataError
+from peftbench.errors import ConfigError, DataError
 
 NATURAL, SPECIALIZED, STRUCTURED = "natural", "specialized", "structured"
 GROUPS = (NATURAL, SPECIALIZED, STRUCTURED)
+
+# --- the VTAB-1k registry: every other listing of the 19 tasks derives from these three tables ------------------
+# (conf/dataset/{vtab,tfds}/*.yaml read class counts and groups through the ``vtab_classes`` / ``vtab_group``
+# resolvers, alias files are a defaults line to their canonical file, table columns and sweep task lists come from
+# here; tests/test_data_vtab.py checks the configs against it.)
 
 #: The 19 VTAB-1k tasks: folder name -> (num_classes, group), in the papers' table order.
 VTAB_TASKS: dict[str, tuple[int, str]] = {
@@ -59,7 +64,61 @@ VTAB_ALIASES: dict[str, str] = {
     "smallnorb_elevation": "smallnorb_ele",
 }
 
+#: The column key of each task in the papers' tables and in conf/table specs (an alias or the folder name).
+VTAB_COLUMNS: dict[str, str] = {
+    "cifar": "cifar100",
+    "caltech101": "caltech101",
+    "dtd": "dtd",
+    "oxford_flowers102": "flowers102",
+    "oxford_iiit_pet": "pets",
+    "svhn": "svhn",
+    "sun397": "sun397",
+    "patch_camelyon": "camelyon",
+    "eurosat": "eurosat",
+    "resisc45": "resisc45",
+    "diabetic_retinopathy": "retinopathy",
+    "clevr_count": "clevr_count",
+    "clevr_dist": "clevr_distance",
+    "dmlab": "dmlab",
+    "kitti": "kitti",
+    "dsprites_loc": "dsprites_location",
+    "dsprites_ori": "dsprites_orientation",
+    "smallnorb_azi": "smallnorb_azimuth",
+    "smallnorb_ele": "smallnorb_elevation",
+}
+
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
+
+
+def vtab_groups() -> dict[str, list[str]]:
+    """Group -> the column keys of its tasks, in table order (natural 7, specialized 4, structured 8)."""
+    return {g: [VTAB_COLUMNS[t] for t, (_, group) in VTAB_TASKS.items() if group == g] for g in GROUPS}
+
+
+SUITES = ("vtab", "tfds", "mini")
+
+
+def suite_tasks(suite: str = "vtab") -> str:
+    """The dataset options of a task suite as one Hydra sweep value (``${suite_tasks:${suite}}`` in conf/sweep):
+    ``vtab`` / ``tfds`` the 19 VTAB-1k tasks (``vtab/cifar100,vtab/caltech101,...``), ``mini`` the embedded
+    vtab-mini."""
+    if suite == "mini":
+        from peftbench.data.embedded import VTAB_MINI
+
+        return ",".join(f"embedded/{t}" for t in VTAB_MINI)
+    if suite not in SUITES:
+        raise ConfigError(f"suite={suite!r}: choose one of {', '.join(SUITES)}")
+    return ",".join(f"{suite}/{VTAB_COLUMNS[t]}" for t in VTAB_TASKS)
+
+
+def vtab_classes(name: str) -> int:
+    """Number of classes of VTAB task ``name`` (canonical or alias)."""
+    return VTAB_TASKS[canonical_vtab_name(name)][0]
+
+
+def vtab_group(name: str) -> str:
+    """Group (natural / specialized / structured) of VTAB task ``name`` (canonical or alias)."""
+    return VTAB_TASKS[canonical_vtab_name(name)][1]
 
 
 def canonical_vtab_name(name: str) -> str:

@@ -13,25 +13,15 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from peftbench.data.embedded import TASKS as EMBEDDED
+from peftbench.data.embedded import VTAB_MINI as EMBEDDED_SUITE
+from peftbench.data.vtab import vtab_groups
 from peftbench.errors import PeftbenchError
 
 TABLE_DIR = Path(__file__).resolve().parent.parent.parent / "conf" / "table"
 
 # --- benchmarks: the paper-scale columns ------------------------------------------------------------------------
-VTAB_GROUPS = {
-    "natural": ["cifar100", "caltech101", "dtd", "flowers102", "pets", "svhn", "sun397"],
-    "specialized": ["camelyon", "eurosat", "resisc45", "retinopathy"],
-    "structured": [
-        "clevr_count",
-        "clevr_distance",
-        "dmlab",
-        "kitti",
-        "dsprites_location",
-        "dsprites_orientation",
-        "smallnorb_azimuth",
-        "smallnorb_elevation",
-    ],
-}
+VTAB_GROUPS = vtab_groups()  # group -> the papers' column keys (cifar100, ...), from peftbench.data.vtab
 FGVC_TASKS = ["cub", "nabirds", "flowers", "dogs", "cars"]
 FEWSHOT_TASKS = ["fgvc_aircraft", "food101", "oxford_flowers102", "oxford_pets", "stanford_cars"]
 FEWSHOT_SHOTS = [1, 2, 4, 8, 16]
@@ -42,16 +32,8 @@ PARAM_KEYS = ("tuned_percent", "params_m")
 KEY_RE = re.compile(r"^[a-z][a-z0-9_@]*$")
 
 # --- scales: the ONE place that says what `scale=paper` and `scale=smoke` run -----------------------------------
-#: vtab-mini, the embedded suite (conf/dataset/embedded/): task -> VTAB group
-VTAB_MINI = {
-    "digits": "natural",
-    "texture": "natural",
-    "shape": "natural",
-    "landcover": "specialized",
-    "count": "structured",
-    "location": "structured",
-    "orientation": "structured",
-}
+#: vtab-mini, the embedded suite (conf/dataset/embedded/): task -> VTAB group (from peftbench.data.embedded)
+VTAB_MINI = {name: EMBEDDED[name].group for name in EMBEDDED_SUITE}
 
 
 @dataclass(frozen=True)
