@@ -41,7 +41,7 @@ bench ?= cpu
 bench: $(STAMP) ## measure every method's cost side by side (bench=cpu|gpu); JSON + Markdown under outputs/bench
 	$(PY) -m peftbench.bench bench=$(bench) $(ARGS)
 
-table-%: $(STAMP) ## regenerate a paper table, e.g. make table-spt-1 scale=smoke|paper (skips finished runs)
+table-%: $(STAMP) ## regenerate a paper table, e.g. make table-spt-1 scale=smoke|mini|paper (skips finished runs)
 	$(PY) -m peftbench.tables $* scale=$(scale) $(ARGS)
 
 tables: $(STAMP) ## list the table specs

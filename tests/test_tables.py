@@ -196,14 +196,16 @@ def test_means_std_over_seeds_and_failed_cells(tmp_path):
             "LoRA": {("digits", 0): 50.0, ("digits", 1): "failed", ("landcover", 0): 40.0, ("landcover", 1): 40.0},
         }
     )
-    table = build_cells(spec, lay, "smoke", [0, 1], outcomes, {})
+    smoke = build_cells(spec, lay, "smoke", [0, 1], outcomes, {})
+    assert "NOAH" not in smoke  # a CPU scale shows no published-only row ...
+    assert all(c.published is None and c.diff is None for row in smoke.values() for c in row.values())  # nor numbers
+    table = build_cells(spec, lay, "paper", [0, 1], outcomes, {})  # the same cells as paper-scale rendering shows them
     lin = table["Linear"]
     assert lin["digits"].mean == pytest.approx(65.0) and lin["digits"].std == pytest.approx(7.0710678)
     assert lin["natural"].mean == pytest.approx(65.0)
     assert lin["mean"].mean == pytest.approx(75.0)  # mean of the group means, per seed: (70, 80) -> 75 +- 7.07
     assert lin["mean"].std == pytest.approx(7.0710678)
     assert lin["mean"].published == 57.6 and lin["mean"].diff == pytest.approx(75.0 - 57.6)
-    assert lin["digits"].published is None  # the paper's per-task numbers are not for the embedded tasks
     assert lin["tuned_percent"].mean == pytest.approx(0.5) and lin["tuned_percent"].published == 0.04
     assert [r["run_dir"] for r in lin["digits"].runs] == ["/runs/Lineardigits0", "/runs/Lineardigits1"]
     lora = table["LoRA"]
@@ -215,7 +217,8 @@ def test_means_std_over_seeds_and_failed_cells(tmp_path):
     assert cell_text("digits", lora["digits"]) == "failed"
     assert cell_text("mean", table["NOAH"]["mean"]) == "– (75.5)"
 
-    cap = caption(spec, "smoke", "val", [0, 1], True)
+    assert "No published number is set beside these" in " ".join(caption(spec, "smoke", "val", [0, 1], True))
+    cap = caption(spec, "paper", "val", [0, 1], True)
     md, csv_, tex = markdown(spec, lay, table, cap), csv_text(spec, table, "smoke", "val"), latex(spec, lay, table, cap)
     write_outputs(tmp_path, md, csv_, tex, {"rows": []})
     assert (tmp_path / "table.md").read_text().count("failed") >= 3
@@ -304,7 +307,7 @@ def test_table_regenerates_from_nothing_then_skips_finished_runs_then_resumes(tm
     assert run["protocol"] == "final" and run["chosen"]["method.scale"] in (1, 10) and len(run["searched"]) == 2
     final = next(r for r in records if r["run_dir"] == run["run_dir"])
     assert final["protocol"] == "final" and lora["digits"]["mean"] == pytest.approx(100 * final["metrics"]["test_acc"])
-    assert "| LoRA |" in md and "| NOAH (published only) |" in md and "–" not in md.split("| LoRA |")[1].split("\n")[0]
+    assert "| LoRA |" in md and "NOAH" not in md and "–" not in md.split("| LoRA |")[1].split("\n")[0]
     for name in ("table.csv", "table.tex"):
         assert (table_dir / name).stat().st_size > 0
 

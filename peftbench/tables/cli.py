@@ -1,4 +1,4 @@
-"""``python -m peftbench.tables <name> [scale=smoke|paper] [selection=val|paper] [seeds=0,1,2] [launcher=<name>]
+"""``python -m peftbench.tables <name> [scale=smoke|mini|paper] [selection=val|paper] [seeds=0,1,2] [launcher=<name>]
 [logger=wandb] [tasks=<t1>,<t2>] [output_dir=outputs] [<key>=<value> ...] [--render-only] [--dry-run]`` and
 ``python -m peftbench.tables --list``.
 
@@ -246,7 +246,7 @@ def run_row(plan, lay, seeds, selection, metric, index_file, group, out_root, ta
             latest = latest_by_key(index_file)
 
     launch(plan.phase1, False, label)
-    has_search = bool(plan.row.search)
+    has_search = len(plan.grid) > 1  # a grid trimmed to one point (scale=mini) has nothing to choose
     outcomes = {}
     for task in lay.tasks:
         for seed in seeds:

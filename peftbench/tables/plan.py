@@ -227,7 +227,7 @@ def plan_rows(
         common = common_overrides(spec, row, scale, extra)
         grid = grid_of(row, scale)
         plan = RowPlan(row=row, common=common, grid=grid)
-        protocol = "paper" if selection == "paper" else ("tune" if row.search else "final")
+        protocol = "paper" if selection == "paper" else ("tune" if len(grid) > 1 else "final")  # 1 point: no choice
         for task in lay.tasks:
             column = task_overrides(spec.benchmark, task, scale)
             for seed in seeds:
