@@ -2,7 +2,7 @@
 
 The input of each block's attention output projection (``proj``) is the concatenation of the heads'
 outputs, (B, N, H*D) head-major, whether timm's fused SDPA path or the explicit softmax path ran
-(/work/shared/REFERENCE.md, timm ViT anatomy). A forward pre-hook on that linear therefore sees every head:
+(timm's ``Attention.forward``). A forward pre-hook on that linear therefore sees every head:
 
     O[b, n, h, :] = softmax(q_h k_h^T / sqrt(D)) v_h  [b, n, :]       (B, N, H, D) after a view
 

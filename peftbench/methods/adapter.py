@@ -1,4 +1,5 @@
-"""Sequential bottleneck adapters (Houlsby et al., 2019): x + up(act(down(x))) on a sub-layer's output.
+"""Sequential bottleneck adapters (Houlsby et al., "Parameter-Efficient Transfer Learning for NLP", ICML 2019,
+arXiv:1902.00751): x + up(act(down(x))) on a sub-layer's output.
 
 Placement ``mlp`` puts one adapter on the output of every MLP (wrapping ``fc2``); ``both`` adds one on the
 output of every attention too (wrapping ``proj``), as TINA (Fig. 2a) and Houlsby do; ``attn`` only the latter.

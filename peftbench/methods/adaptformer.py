@@ -1,4 +1,5 @@
-"""AdaptFormer (Chen et al., 2022): a scaled bottleneck branch in parallel with every block's MLP.
+"""AdaptFormer (Chen et al., "AdaptFormer: Adapting Vision Transformers for Scalable Visual Recognition", NeurIPS 2022,
+arXiv:2205.13535): a scaled bottleneck branch in parallel with every block's MLP.
 
     mlp'(h) = mlp(h) + s * up(dropout(relu(down(h)))),   h = norm2(x), the MLP's input
 

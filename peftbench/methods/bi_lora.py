@@ -1,12 +1,12 @@
-"""Bi-LoRA (Jie et al., ICCV 2023, "Revisiting the parameter efficiency of adapters from the perspective of
-precision redundancy"): LoRA on q and v whose factors are binarised to 1 bit in the forward.
+"""Bi-LoRA (Jie, Wang and Deng, "Revisiting the Parameter Efficiency of Adapters from the Perspective of Precision
+Redundancy", ICCV 2023, arXiv:2307.16867): LoRA on q and v whose factors are binarised to 1 bit in the forward.
 
 Training keeps float latent factors (trained through a straight-through estimator, see
 :mod:`peftbench.layers.binary_lora`); what is stored is 1 bit per factor weight plus a float32 scale (and,
 for the ``gaussian`` quantizer, an offset) per matrix. As in the authors' code each target has its own A and
-B, the delta is scaled by s, dropout 0.1 acts on the rank-r hidden (their code; REFERENCE.md's "on the input"
-differs: we follow the code), and B starts trunc-normal with std 1e-3, so the step-0 delta is small, not 0
-(``init=zeros`` gives an exact identity instead).
+B, the delta is scaled by s, dropout 0.1 acts on the rank-r hidden (their code, not on the adapter's input), and
+B starts trunc-normal with std 1e-3, so the step-0 delta is small, not 0 (``init=zeros`` gives an exact identity
+instead).
 
 Trainable backbone parameters = sum over blocks and targets of r * (C + C) (float latents, as LoRA);
 ViT-B/16, r = 32 on q and v: 12 x 2 x (768*32 + 32*768) = 1,179,648 (1.375% of 85,798,656).

@@ -1,4 +1,5 @@
-"""BitFit (Ben Zaken et al., 2022): train every bias term of the backbone (and the head).
+"""BitFit (Ben Zaken, Goldberg and Ravfogel, "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based
+Masked Language-models", ACL 2022, arXiv:2106.10199): train every bias term of the backbone (and the head).
 
 "Bias term" = the ``bias`` parameter of any layer that has one: linear, conv and norm layers. Other
 bias-like tensors (Swin's relative position bias tables, position embeddings) are not bias terms.

@@ -1,4 +1,6 @@
-"""Att-blocks / MLP-blocks (TINA's baselines): train every attention, or every MLP, sub-block in full.
+"""Att-blocks / MLP-blocks (the baselines of TINA: Marouf et al., "Tiny Adapters for Vision Transformers", ICLR 2023
+submission on OpenReview; WACV 2024 as "Mini but Mighty", arXiv:2311.03873): train every attention, or every MLP,
+sub-block in full.
 
 ``part=attn`` trains each block's attention module (qkv and output projection, with biases; Swin also its
 relative position bias table); ``part=mlp`` each block's MLP (fc1, fc2). The norms in front of them stay frozen.

@@ -1,4 +1,5 @@
-"""CDRA-SPT (Chen et al., CVPR 2025): compact dynamic-rank adaptation of SPT's sensitive sub-matrices.
+"""CDRA-SPT (Chen et al., "Sensitivity-Aware Efficient Fine-Tuning via Compact Dynamic-Rank Adaptation", CVPR 2025):
+compact dynamic-rank adaptation of SPT's sensitive sub-matrices.
 
 1. SPT's selection, reused as is (:class:`~peftbench.methods.spt_lora.SPTLoRA`): one global top-tau over all
    candidate entries; a matrix is Case 2 of Eq. 1 (SPT would give it LoRA of rank ``spt_rank``) when its

@@ -1,11 +1,13 @@
-"""Child-Tuning-D (Xu et al., EMNLP 2021): tune the child network of highest Fisher information.
+"""Child-Tuning-D (Xu et al., "Raise a Child in Large Language Model: Towards Effective and Generalizable Fine-tuning",
+EMNLP 2021, arXiv:2109.05687): tune the child network of highest Fisher information.
 
 Fisher information of each candidate entry = accumulated squared gradients = the sensitivity scorer's output
 (``per_sample``: the paper's per-sample Fisher; ``per_batch``: squared batch gradients). One global top-p
 selection over ALL candidate entries (q/k/v/proj/fc1/fc2 matrices and every scored vector: norms, biases):
 exactly round(p * candidates) entries. The original applies the mask to gradients of dense weights; here the
 selected entries are the only trainable parameters (W = W0 + scatter(delta)), so weight decay and optimiser
-state never touch the frozen entries, which stay bit-identical (REFERENCE: the gradient-masking trap).
+state never touch the frozen entries, which stay bit-identical (masked gradients would not stop AdamW's
+decoupled weight decay from shrinking them).
 
 Matrix entries: :class:`SparseDeltaBiasLinear` (:class:`~peftbench.layers.sparse.SparseDeltaLinear` plus the
 selected entries of the same linear's bias). Other vector entries (norms; biases of linears with no selected

@@ -1,4 +1,5 @@
-"""PHM-Adapter and Compacter (Karimi Mahabadi et al., 2021): adapters whose down/up are PHM layers.
+"""PHM-Adapter and Compacter (Karimi Mahabadi, Henderson and Ruder, "Compacter: Efficient Low-Rank Hypercomplex Adapter
+Layers", NeurIPS 2021, arXiv:2106.04647): adapters whose down/up are PHM layers.
 
 Both are :class:`~peftbench.methods.adapter.Adapter` (same placement, hidden width n or C / sigma, activation,
 zero step-0 delta) with each projection W = sum_{i=1..k} A_i ⊗ B_i (k = ``phm_dim``, A_i: k x k):

@@ -1,4 +1,6 @@
-"""Heart-LoRA: LoRA on q and v whose least responsive attention heads are deactivated after a warm-up.
+"""Heart-LoRA (Zhong and Zhou, "Rethinking Low-Rank Adaptation in Vision: Exploring Head-Level Responsiveness across
+Diverse Tasks", 2024, arXiv:2404.08894): LoRA on q and v whose least responsive attention heads are deactivated
+after a warm-up.
 
 Follows the appendix (Alg. 1, appendices A, B, D, E) and JieShibo's LoRA (the Bi-LoRA / FacT code): LoRA on q
 and v of every block, delta scaled by s, dropout 0.1 on the adapter input. Training runs in ONE fit:

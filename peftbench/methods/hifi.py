@@ -1,4 +1,5 @@
-"""HiFi (Gui & Xiao, ACL 2023, Alg. 3): fine-tune only the W^Q, W^K, W^V of the top-k heads per layer.
+"""HiFi (Gui and Xiao, "HiFi: High-Information Attention Heads Hold for Parameter-Efficient Model Adaptation", ACL 2023,
+arXiv:2305.04573; Alg. 3): fine-tune only the W^Q, W^K, W^V of the top-k heads per layer.
 
 Heads are ranked per layer by the PageRank value p*_h of ``scorer=hifi`` (``<block path>.attn:pagerank``).
 

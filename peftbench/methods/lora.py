@@ -1,4 +1,5 @@
-"""LoRA (Hu et al., 2022) on any of q, k, v, proj, fc1, fc2 of every block.
+"""LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, arXiv:2106.09685) on any of q, k,
+v, proj, fc1, fc2 of every block.
 
 Trainable backbone parameters = sum over blocks and targets of r * (d_in + d_out_target); with the default
 (r=8 on q and v of ViT-B/16): 12 x 2 x (768 x 8 + 8 x 768) = 294,912. q/k/v deltas act on their rows of

@@ -1,4 +1,5 @@
-"""MLP-k (VPT's head baseline, Jia et al. 2022): a k-layer MLP replaces the linear classifier; backbone frozen.
+"""MLP-k (the head baseline of VPT: Jia et al., "Visual Prompt Tuning", ECCV 2022, arXiv:2203.12119): a k-layer MLP
+replaces the linear classifier; backbone frozen.
 
 The head becomes ``k - 1`` hidden layers ``Linear(C, C) -> activation -> BatchNorm1d(C) -> Dropout`` (VPT's
 code, src/models/mlp.py) followed by the fresh linear classifier ``Linear(C, classes)`` the backbone was built

@@ -1,4 +1,5 @@
-"""Partial-k (the partial fine-tuning baseline of VPT, Jia et al. 2022): train the last k blocks and the head.
+"""Partial-k (the partial fine-tuning baseline of VPT: Jia et al., "Visual Prompt Tuning", ECCV 2022, arXiv:2203.12119):
+train the last k blocks and the head.
 
 The final norm (after the last block) trains too: it belongs to the top of the network and only ever sees the
 tuned blocks' output. Blocks are counted in forward order over the whole model (for Swin: the last k blocks of

@@ -1,4 +1,5 @@
-"""SPT-Adapter (He et al., ICCV 2023): sensitivity-aware allocation of adapters and unstructured sparse deltas.
+"""SPT-Adapter (He et al., "Sensitivity-Aware Visual Parameter-Efficient Fine-Tuning", ICCV 2023, arXiv:2303.08566):
+sensitivity-aware allocation of adapters and unstructured sparse deltas.
 
 The allocation is :class:`~peftbench.methods.spt_lora.SPT`'s. The structured module of a sensitive matrix is a
 bottleneck adapter of hidden width n (8, following NOAH as the paper does) on THAT matrix's output: "inserting an

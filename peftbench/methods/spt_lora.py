@@ -1,4 +1,4 @@
-"""SPT-LoRA (He et al., "Sensitivity-Aware Visual Parameter-Efficient Fine-Tuning", ICCV 2023, arXiv 2303.08566).
+"""SPT-LoRA (He et al., "Sensitivity-Aware Visual Parameter-Efficient Fine-Tuning", ICCV 2023, arXiv:2303.08566).
 
 Allocation (paper Sec. 3.2, Eq. 4-5, with the authors' code where it is more precise):
 

@@ -1,4 +1,5 @@
-"""TINA (tiny adapters): Houlsby adapters after MSA and MLP, iteratively shrunk by structural neuron pruning.
+"""TINA (Marouf et al., "Tiny Adapters for Vision Transformers", ICLR 2023 submission on OpenReview; WACV 2024 as "Mini
+but Mighty", arXiv:2311.03873): Houlsby adapters after MSA and MLP, iteratively shrunk by structural neuron pruning.
 
 Every block gets a sequential bottleneck adapter after attention (wrapping ``proj``) and after the MLP (wrapping
 ``fc2``), of hidden width n_i = round(m_i / sigma0) (or a fixed ``n0``). Training runs in cycles inside ONE

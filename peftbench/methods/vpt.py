@@ -1,4 +1,5 @@
-"""Visual Prompt Tuning (Jia et al., 2022): learnable prompt tokens in the token sequence of a frozen ViT.
+"""Visual Prompt Tuning (Jia et al., "Visual Prompt Tuning", ECCV 2022, arXiv:2203.12119): learnable prompt tokens in
+the token sequence of a frozen ViT.
 
 * shallow (VPT-Shallow): P prompt tokens are inserted after the prefix (cls/register) tokens at the input of the
   first block and travel through all blocks like patch tokens.
