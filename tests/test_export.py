@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
-from timm.models.vision_transformer import VisionTransformer
 
 from peftbench.errors import PeftbenchError
 from peftbench.export import TASK_FILE, evaluate, export_merged, load_task, main
@@ -42,7 +42,7 @@ def test_merged_plain_timm_model_matches(lora_run, tmp_path):
     with torch.no_grad():
         expected = module.eval()(x)
     path = export_merged(module, tmp_path / "merged.safetensors")
-    plain = VisionTransformer(**cfg.backbone.arch, num_classes=cfg.dataset.num_classes).eval()
+    plain = timm.create_model(cfg.backbone.timm_name, num_classes=cfg.dataset.num_classes).eval()
     plain.load_state_dict(load_file(str(path)))  # strict: exactly timm's keys
     with torch.no_grad():
         torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-4)
