@@ -31,7 +31,7 @@ class LastCheckpoint(L.Callback):
         if (trainer.current_epoch + 1) % self.every and trainer.current_epoch + 1 != trainer.max_epochs:
             return
         tmp = self.dirpath / f".last.{os.getpid()}.tmp"
-        trainer.save_checkpoint(tmp)  # every rank must call it; only rank 0 writes
+        trainer.save_checkpoint(tmp, weights_only=False)  # all ranks call it; rank 0 writes; with optimizer state
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
 

@@ -77,6 +77,20 @@ def config_key(cfg: DictConfig) -> str:
     return run_key(OmegaConf.to_container(cfg, resolve=True))
 
 
+def point_keys(cfg: DictConfig) -> dict[str, str]:
+    """What figures may average over: ``key_seedless`` (the run key with the seed, and every value taken from it,
+    left out: the runs of one point on one task) and ``key_variant`` (also without the dataset: one method
+    variant's runs on several tasks, with everything else, epochs and learning rate included, equal)."""
+    seedless = cfg.copy()
+    with open_dict(seedless):
+        seedless.seed = "*"  # before resolving: ${seed} in scorer / method / dataset configs follows
+    plain = OmegaConf.to_container(seedless, resolve=True)
+    keyed = {"key_seedless": run_key(plain)}
+    plain.pop("dataset", None)
+    keyed["key_variant"] = run_key(plain)
+    return keyed
+
+
 def instantiate_group(node: Any, group: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate(node, **kwargs)`` for config group ``group``; a constructor's ValueError or
     TypeError (a value out of its domain, an unknown key) becomes one :class:`ConfigError` line naming the group.

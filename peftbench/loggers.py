@@ -21,7 +21,7 @@ def wandb_logger(
     if offline is None:
         offline = os.environ.get("WANDB_MODE", "offline") != "online"
     os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(
+    logger = WandbLogger(
         save_dir=str(save_dir),
         name=name,
         project=project,
@@ -31,6 +31,8 @@ def wandb_logger(
         offline=offline,
         mode="offline" if offline else "online",
     )
+    logger._wandb_init.pop("anonymous", None)  # Lightning passes anonymous=None, which W&B warns about
+    return logger
 
 
 def csv_logger(save_dir: str | Path, name: str | None = None, **_: object):
@@ -43,6 +45,25 @@ def csv_logger(save_dir: str | Path, name: str | None = None, **_: object):
 def no_logger(save_dir: str | Path | None = None, name: str | None = None, **_: object) -> bool:
     """No experiment logger (Lightning takes ``logger=False``)."""
     return False
+
+
+def start(logger, config: dict) -> None:
+    """Record the run's config at its start, so a killed run still shows what it was."""
+    if logger:
+        logger.log_hyperparams(config)
+
+
+def abort(logger) -> None:
+    """Close the logger's run as failed (W&B: exit code 1), so what it holds reaches disk; never raises."""
+    if not logger:
+        return
+    try:
+        logger.finalize("failed")
+        experiment = getattr(logger, "_experiment", None)
+        if experiment is not None and hasattr(experiment, "finish"):
+            experiment.finish(exit_code=1)
+    except Exception:  # noqa: BLE001 - the run's own error is the one to report
+        pass
 
 
 def finish(logger, metrics: dict[str, float], config: dict) -> None:

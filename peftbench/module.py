@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from peftbench.console import say
 from peftbench.errors import PeftbenchError, TrainingDiverged
 from peftbench.methods.base import Method, State, prepare_model
 from peftbench.weight_decay import parameter_groups
@@ -69,6 +70,10 @@ class PEFTModule(L.LightningModule):
             return
         start = time.perf_counter()
         trainer = self._trainer
+        if self.scorer is not None and self.method_state is None:
+            n = self.scoring["n_samples"]
+            say(f"scoring the pre-trained model with {type(self.scorer).__name__} on "
+                f"{'every' if n is None else f'the first {n}'} training images ...")
         broadcast = None
         if trainer is not None and trainer.world_size > 1:
             broadcast = lambda state: trainer.strategy.broadcast(state, src=0)  # noqa: E731
@@ -76,6 +81,8 @@ class PEFTModule(L.LightningModule):
             self.model, self.method, self.scorer, self.scoring_batches(), self.method_state, broadcast
         )
         self.scoring_seconds = time.perf_counter() - start
+        if self.scorer is not None:
+            say(f"scored and selected in {self.scoring_seconds:.1f}s: {self.method.name}")
         self.prepared = True
 
     def scoring_batches(self) -> Callable[[], Iterable] | None:

@@ -1,58 +1,113 @@
-"""Print the parameter accounting of a configuration as JSON, without training.
+"""Print the parameter accounting of a configuration as JSON, without training and without the network.
 
 ``python -m peftbench.params method=lora backbone=vit_b16_in21k dataset=vtab/cifar100``
 
-For methods that select without data, the backbone is built with random weights (counts do not depend on
-them, and nothing is downloaded); methods that need a scorer get the configured weights and data.
+Weights: the configured local ones (a packaged asset such as vit_micro's, or ``backbone.checkpoint=<file>``);
+otherwise random weights, since nothing is downloaded. Counts of methods that select without data do not depend on
+them. Methods that score first (SPT, CDRA-SPT, GPS, Child-Tuning, HiFi) score the configured data when it is on
+disk, otherwise synthetic batches: their counts then illustrate the allocation rather than reproduce a task's.
+The JSON says which weights and data were used.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
-from hydra.utils import instantiate
+import torch
 from omegaconf import DictConfig, open_dict
 
 from peftbench.accounting import backbone_size, parameter_report
-from peftbench.data.datamodule import VisionDataModule
+from peftbench.compose import build_task, choices, compose_config, instantiate_group
+from peftbench.console import quiet_third_party
+from peftbench.data.datamodule import NORMALIZE, VisionDataModule
+from peftbench.errors import DataError, user_error
 from peftbench.methods.base import prepare_model
-from peftbench.train import build_task, choices, compose_config
+
+
+def _local_weights(cfg: DictConfig) -> str | None:
+    """The local weight file the backbone config names (asset or checkpoint), or None."""
+    checkpoint = cfg.backbone.get("checkpoint")
+    if checkpoint and Path(os.path.expanduser(str(checkpoint))).is_file():
+        return str(checkpoint)
+    return cfg.backbone.get("asset") or None
+
+
+def _synthetic_batches(n: int, batch_size: int, size: int, num_classes: int, normalize: str, seed: int):
+    """Seeded random images (B, 3, size, size), normalised as the data module would, with labels cycling."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZE[normalize])
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        images = torch.rand(b, 3, size, size, generator=gen)  # [0, 1] pixels
+        yield (images - mean) / std, torch.arange(start, start + b) % num_classes
 
 
 def parameter_accounting(cfg: DictConfig) -> dict:
     """Build backbone + method from ``cfg``, apply the method, and return the accounting."""
-    method = instantiate(cfg.method)
-    scorer = instantiate(cfg.scorer) if cfg.get("scorer") else None
+    torch.manual_seed(cfg.seed)  # the fresh head (and so a scorer's gradients) as in a training run
+    method = instantiate_group(cfg.method, "method")
+    scorer = instantiate_group(cfg.scorer, "scorer") if cfg.get("scorer") else None
     needs_data = method.needs_scores or scorer is not None
-    if not needs_data:
+    local = _local_weights(cfg)
+    if not (needs_data and local):
         with open_dict(cfg):
-            cfg.backbone.pretrained = False
+            cfg.backbone.pretrained = False  # counts of data-free methods do not depend on weights; no download
     task = build_task(cfg.dataset)
-    model = instantiate(cfg.backbone, num_classes=task.num_classes)
+    model = instantiate_group(cfg.backbone, "backbone", num_classes=task.num_classes)
     pretrained = backbone_size(model)
-    batches = None
+    batches, data = None, None
     if needs_data:
+        n = 64 if cfg.scoring.n_samples is None else cfg.scoring.n_samples
         datamodule = VisionDataModule(task, protocol=cfg.protocol, seed=cfg.seed, **cfg.data)
-        n = sys.maxsize if cfg.scoring.n_samples is None else cfg.scoring.n_samples  # null: every image
-        batches = lambda: datamodule.scoring_batches(n, cfg.scoring.batch_size)  # noqa: E731
+        try:
+            datamodule.split(datamodule.train_role)
+            n = sys.maxsize if cfg.scoring.n_samples is None else n  # null: every image
+            batches = lambda: datamodule.scoring_batches(n, cfg.scoring.batch_size)  # noqa: E731
+            data = f"{task.name} ({datamodule.train_role} split on disk)"
+        except DataError:
+            size, classes = int(cfg.data.image_size), task.num_classes
+            batches = lambda: _synthetic_batches(  # noqa: E731
+                n, cfg.scoring.batch_size, size, classes, cfg.data.normalize, cfg.seed
+            )
+            data = f"synthetic: {n} random images (the dataset is not on disk)"
     state = prepare_model(model, method, scorer, batches)
     picked = choices(cfg)
+    if not needs_data:
+        weights = "random (counts do not depend on them)"
+    else:
+        weights = f"local: {local}" if local else "random (no local weights; nothing is downloaded)"
     return {
         "method": picked.get("method", cfg.method.get("_target_")),
         "backbone": cfg.backbone.name,
         "dataset": picked.get("dataset", task.name),
         "num_classes": task.num_classes,
-        "weights": "configured" if needs_data else "random (counts do not depend on them)",
+        "weights": weights,
+        **({"scoring_data": data} if data else {}),
         **parameter_report(model, pretrained),
         "selection": method.describe(state),
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Compose the config from ``argv`` overrides (no run directory is created) and print JSON."""
-    print(json.dumps(parameter_accounting(compose_config(sys.argv[1:] if argv is None else argv)), indent=2))
+    os.environ["HF_HUB_OFFLINE"] = "1"  # never the network, whatever the backbone config says
+    quiet_third_party()
+    try:
+        report = parameter_accounting(compose_config(sys.argv[1:] if argv is None else argv))
+    except Exception as err:  # one line for what the user can fix, a traceback for a bug
+        from hydra.errors import HydraException
+
+        known = user_error(err) or (str(err).strip().splitlines()[0] if isinstance(err, HydraException) else None)
+        if known is None:
+            raise
+        print(f"peftbench: error: {known}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

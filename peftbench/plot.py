@@ -75,6 +75,13 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--dataset", action="append", default=None, help="keep this task (repeatable)")
         p.add_argument("--group", default=None, help="keep records whose 'group' field is this")
         p.add_argument("--metric", default="test_acc", help="metrics key to plot (default test_acc)")
+        p.add_argument(
+            "--mixed",
+            choices=("refuse", "warn"),
+            default="refuse",
+            help="runs that would be averaged into one point but differ in more than seed and task: refuse "
+            "(default) or warn and average",
+        )
         if name == "params":
             p.add_argument(
                 "--x",
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command in ("adapters", "heads"):
         paths = draw(inputs[0], out)
     else:
-        common = {"datasets": args.dataset, "group": args.group, "metric_name": args.metric}
+        common = {"datasets": args.dataset, "group": args.group, "metric_name": args.metric, "mixed": args.mixed}
         if args.command == "params":
             common["x"] = args.x
         paths = draw(inputs[0], out, **common)

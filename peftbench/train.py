@@ -32,13 +32,17 @@ from peftbench.compose import (  # noqa: F401 - compose_config: tests import it 
     compose_config,
     config_key,
     instantiate_group,
+    point_keys,
     record_choices,
 )
+from peftbench.console import quiet_third_party, rank_zero, say
 from peftbench.data.datamodule import VisionDataModule
 from peftbench.errors import ConfigError, PeftbenchError, TrainingDiverged, user_error
 from peftbench.export import TASK_FILE, save_task
 from peftbench.guard import CHECKPOINT, Interrupted, claim, signals_ignored, signals_raise
+from peftbench.loggers import abort as abort_logging
 from peftbench.loggers import finish
+from peftbench.loggers import start as start_logging
 from peftbench.module import PEFTModule
 from peftbench.results import RESULTS, append_index, latest_by_key, write_json_atomic
 
@@ -153,7 +157,7 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
     # MethodHooks first: the method's epoch-end records are in the state that LastCheckpoint's checkpoint re-saves
     callbacks = [MethodHooks(run_dir / "method_state.pt"), LastCheckpoint(run_dir / "checkpoints"), history]
     callbacks += [instantiate_group(c, "callbacks") for c in (cfg.get("callbacks") or {}).values()]
-    logger = instantiate_group(cfg.logger, "logger", save_dir=run_dir, name=run_dir.name)
+    logger = instantiate_group(cfg.logger, "logger", save_dir=run_dir, name=run_name(cfg), tags=run_tags(cfg))
     trainer = instantiate_group(
         cfg.trainer, "trainer", logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
         enable_checkpointing=False, **_trainer_overrides(cfg),
@@ -163,6 +167,20 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
             f"trainer.max_epochs={trainer.max_epochs} (limit_train_batches={trainer.limit_train_batches}): "
             "a run must train at least one step"
         )
+    warn_schedule(cfg, trainer.max_epochs)
+    if trainer.is_global_zero:
+        start_logging(trainer.logger, OmegaConf.to_container(cfg, resolve=True))
+    try:
+        return _fit_and_evaluate(cfg, run_dir, trainer, module, datamodule, ckpt_path, history, pretrained_backbone)
+    except BaseException:
+        if trainer.is_global_zero:
+            with signals_ignored():
+                abort_logging(trainer.logger)  # a failed or interrupted run still shows its config and metrics
+        raise
+
+
+def _fit_and_evaluate(cfg, run_dir, trainer, module, datamodule, ckpt_path, history, pretrained_backbone) -> dict:
+    """``trainer.fit``, the reported metrics, the final test, the task file and the record of :func:`run`."""
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_seconds = time.perf_counter() - start - module.scoring_seconds
@@ -211,6 +229,42 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
     }
 
 
+#: overrides that say where a run writes or how it logs, not what it is (left out of run names)
+_NAME_NOISE = ("paths.", "logger", "group", "run_dir", "resume", "keep_checkpoint", "skip_done", "hydra",
+               "trainer.enable_progress_bar", "callbacks", "data.num_workers")
+
+
+def run_name(cfg: DictConfig) -> str:
+    """``<method>-<dataset>-s<seed>`` plus the run's value overrides (a sweep's searched values), e.g.
+    ``lora-vtab/cifar-s0-method.scale=10``: the W&B run name."""
+    picked = choices(cfg)
+    name = f"{picked.get('method', 'method')}-{picked.get('dataset', 'dataset')}-s{cfg.seed}"
+    extra = []
+    for ov in overrides():
+        key = ov.split("=", 1)[0].lstrip("+~")
+        if "=" in ov and "." in key or key in ("protocol", "label_smoothing"):
+            if not key.startswith(_NAME_NOISE) and key != "seed":
+                extra.append(ov.lstrip("+~"))
+    return "-".join([name, *extra])[:128]
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    """W&B tags: the logger config's own, the protocol, and the table and scale of a table run (its group)."""
+    tags = [str(t) for t in (OmegaConf.select(cfg, "logger.tags") or [])]
+    tags.append(f"protocol:{cfg.protocol}")
+    return list(dict.fromkeys(tags))
+
+
+def warn_schedule(cfg: DictConfig, max_epochs: int) -> None:
+    """Warn when the warm-up is not shorter than the run (the learning rate would never decay)."""
+    warmup = OmegaConf.select(cfg, "scheduler.warmup_epochs")
+    if isinstance(warmup, (int, float)) and warmup >= max_epochs:
+        say(
+            f"warning: the warm-up ({warmup:g} epochs, scheduler.warmup_epochs) is not shorter than the run "
+            f"({max_epochs} epochs): the learning rate never decays; lower scheduler.warmup_epochs"
+        )
+
+
 def check_trained(trainer: L.Trainer, module: PEFTModule) -> None:
     """After fit: at least one optimisation step was taken and every trainable tensor is finite."""
     if trainer.global_step == 0:
@@ -219,11 +273,6 @@ def check_trained(trainer: L.Trainer, module: PEFTModule) -> None:
         if p.requires_grad and not torch.isfinite(p).all():
             raise TrainingDiverged(f"trainable tensor {name} holds NaN or infinite values after training: it diverged "
                                    "(lower optimizer.lr or the method's scale)")
-
-
-def _rank_zero() -> bool:
-    """Whether this process is global rank 0 (DDP children see LOCAL_RANK / NODE_RANK > 0)."""
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -237,12 +286,14 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     record_choices(cfg)
     key = config_key(cfg)
     picked = choices(cfg)
-    rank0 = _rank_zero()
+    keys = point_keys(cfg)
+    rank0 = rank_zero()
     with claim(run_dir, key, bool(cfg.resume)) if rank0 else contextlib.nullcontext(None) as previous:
         if previous is not None and previous.get("status") == "ok":  # resume of a finished run: nothing to do
             return previous
         record: dict[str, Any] = {
             "key": key,
+            **keys,
             "group": cfg.get("group"),
             "run_dir": str(run_dir.resolve()),
             "method": picked.get("method", OmegaConf.select(cfg, "method._target_")),
@@ -322,6 +373,7 @@ def main(cfg: DictConfig) -> None:
     with ``skip_done=true`` a run whose key is already ``ok`` in the index is skipped, so an interrupted sweep
     finishes on re-run without redoing finished runs.
     """
+    quiet_third_party()
     hydra_cfg = HydraConfig.get()
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     if cfg.skip_done and not cfg.resume and (done := finished_run(cfg)) is not None:

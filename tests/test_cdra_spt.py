@@ -10,11 +10,13 @@ from peftbench.backbones import anatomy
 from peftbench.layers.compact_lora import CompactLoRALinear
 from peftbench.methods.base import merge, prepare_model, unmerge
 from peftbench.methods.cdra_spt import CDRASPT, compact_index, dynamic_rank
+from peftbench.methods.spt_lora import SPTLoRA
 from peftbench.scorers.sensitivity import Sensitivity
 from peftbench.train import compose_config, execute
 from tests.helpers import SCORED_TINY, TINY
 
 C = 24
+DUMMY_BATCH = (None, torch.zeros(1))  # the crafted scorers below read no data; prepare_model wants some
 QROWS = torch.tensor([0, 2, 3, 5, 7, 9, 11, 13, 16, 17, 19, 23])  # (12,)
 QCOLS = torch.tensor([1, 3, 4, 6, 8, 9, 10, 14, 15, 20, 21, 22])  # (12,)
 FCOLS = torch.arange(0, 24, 2)  # (12,)
@@ -38,7 +40,7 @@ def scores_for(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return scores
 
 
-BUDGET = 144 + 576 + 1
+BUDGET = 144 + 576 + 1  # tau: exactly the hot entries
 
 
 def test_compact_index_and_dynamic_rank():
@@ -62,7 +64,7 @@ def test_compact_index_and_dynamic_rank():
 def test_selection_scatter_and_rank_bound():
     model = micro()
     scores = scores_for(model)
-    method = CDRASPT(budget=BUDGET, rank=None)
+    method = CDRASPT(tau=BUDGET, rank=None)
     state = method.select(model, scores)
     blocks = state["blocks"]
     (q,) = blocks["blocks.0.attn.qkv"]
@@ -86,7 +88,7 @@ def test_selection_scatter_and_rank_bound():
     expect[C + 3, 4] = True
     assert ((dw != 0) == expect).all()  # exactly the selected rows x cols (and the sparse entry), zero elsewhere
     trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "head" not in n)
-    assert trainable == state["summary"]["trainable_backbone"] <= BUDGET
+    assert trainable == state["summary"]["trainable_backbone"] <= BUDGET + C  # sensitive entries + class token
 
 
 def test_identity_at_step_zero_and_merge():
@@ -94,7 +96,7 @@ def test_identity_at_step_zero_and_merge():
     x = torch.randn(2, 3, 16, 16)
     ref = model(x)
     head = {k: v.clone() for k, v in model.head.state_dict().items()}
-    prepare_model(model, CDRASPT(budget=BUDGET), state=CDRASPT(budget=BUDGET).select(model, scores_for(model)))
+    prepare_model(model, CDRASPT(tau=BUDGET), state=CDRASPT(tau=BUDGET).select(model, scores_for(model)))
     model.head.load_state_dict(head)
     assert torch.equal(model(x), ref)  # B = 0, sparse delta = 0: identity
     with torch.no_grad():
@@ -126,7 +128,7 @@ def test_identity_at_step_zero_and_merge():
 )
 def test_ablations_build_and_count(kwargs):
     model = micro()
-    method = CDRASPT(budget=BUDGET, **kwargs)
+    method = CDRASPT(tau=BUDGET, **kwargs)
     state = method.select(model, scores_for(model))
     prepare_model(model, method, state=state)
     trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "head" not in n)
@@ -138,13 +140,48 @@ def test_case_ablation_uses_spt_treatment():
     model = micro()
     scores = scores_for(model)
     # with spt_rank=1, q (144 >= 1*(24+24)/10) and fc1 are Case 2; k's lone entry is Case 1
-    state = CDRASPT(budget=BUDGET, spt_rank=1, cases=[1]).select(model, scores)
+    state = CDRASPT(tau=BUDGET, spt_rank=1, cases=[1]).select(model, scores)
     (q,) = state["blocks"]["blocks.0.attn.qkv"]
     assert q["rank"] == 1 and q["rows"].tolist() == list(range(C)) and len(q["cols"]) == C  # SPT's full LoRA
-    state = CDRASPT(budget=BUDGET, spt_rank=1, cases=[2]).select(model, scores)
+    state = CDRASPT(tau=BUDGET, spt_rank=1, cases=[2]).select(model, scores)
     (q,) = state["blocks"]["blocks.0.attn.qkv"]
     assert len(q["rows"]) == 12 and len(q["cols"]) == 12  # compact
     assert state["sparse"]["blocks.0.attn.qkv"].numel() == 1  # Case 1 left to SPT: its sparse entry
+
+
+def random_scores(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Skewed random scores on every candidate (a few matrices hot)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = Sensitivity(model_mode="eval")(model, [(torch.zeros(1, 3, 16, 16), torch.tensor([0]))])
+    return {
+        k: torch.rand(v.shape, generator=g) ** 3 * (1 + 4 * (i % 5 == 0)) for i, (k, v) in enumerate(shapes.items())
+    }
+
+
+@pytest.mark.parametrize("budget", [1500, 4000])
+def test_budget_takes_spt_lora_selection_and_cdra_trains_less(budget):
+    model = micro()
+    scores = random_scores(model)
+    spt = SPTLoRA(budget=budget, rank=8).select(model, scores)
+    state = prepare_model(
+        model, method := CDRASPT(budget=budget), scorer=lambda m, b: scores, batches=lambda: [DUMMY_BATCH]
+    )
+    s = method.describe(state)
+    assert state["tau"] == spt["tau"] and s["budget_of"] == "spt"  # SPT's selection, reused as is
+    assert s["spt_trainable"] == s["searched_trainable"] == spt["summary"]["trainable_backbone"]
+    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "head" not in n)
+    assert trainable == s["trainable_backbone"] < s["spt_trainable"]  # fewer parameters at the same selection
+    assert state["cls_token"] and model.cls_token.requires_grad
+
+
+def test_budget_of_cdra_searches_its_own_count():
+    model = micro()
+    scores = random_scores(model)
+    own = CDRASPT(budget=1500, budget_of="cdra").select(model, scores)["summary"]
+    at_spt_tau = CDRASPT(budget=1500).select(model, scores)["summary"]
+    assert own["searched_trainable"] == own["trainable_backbone"]
+    assert abs(own["trainable_backbone"] - 1500) < abs(at_spt_tau["trainable_backbone"] - 1500)
+    assert own["budget_met"] == (abs(own["trainable_backbone"] - 1500) <= 30)
 
 
 def test_end_to_end_run(tmp_path):
@@ -153,11 +190,12 @@ def test_end_to_end_run(tmp_path):
         + [
             f"paths.output_dir={tmp_path}/outputs",
             "method=cdra_spt",
-            "scorer=sensitivity",
             "method.budget=5K",
             *SCORED_TINY,
         ]
     )
     record = execute(cfg, tmp_path / "run")
     assert record["status"] == "ok", record.get("error")
-    assert record["params"]["trainable_backbone"] == record["selection"]["trainable_backbone"] > 0
+    sel = record["selection"]
+    assert record["params"]["trainable_backbone"] == sel["trainable_backbone"] > 0
+    assert sel["budget"] == 5000 and sel["tau"] == sel["selected"] > 0 and sel["spt_trainable"] > 0

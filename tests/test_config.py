@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
+from peftbench.compose import CONFIG_DIR, build_task, compose_config
 from peftbench.data.base import Task
-from peftbench.train import build_task, compose_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -67,3 +67,37 @@ def test_experiment_and_sweep_options_compose(group):
     for option in options(group):
         cfg = compose_config([f"{group}={option}"])
         assert cfg.trainer.max_epochs >= 1
+
+
+@pytest.mark.parametrize(
+    ("method", "scorer"),
+    [("spt_lora", "sensitivity"), ("spt_adapter", "sensitivity"), ("cdra_spt", "sensitivity"),
+     ("child_tuning", "sensitivity"), ("gps", "contrastive"), ("hifi", "hifi")],
+)
+def test_a_method_brings_its_scorer_and_the_command_line_still_wins(method, scorer):
+    cfg = compose_config([f"method={method}"])
+    assert cfg._choices_["scorer"] == scorer and getattr(instantiate(cfg.method), "needs_scores", False)
+    other = "hifi" if scorer != "hifi" else "sensitivity"
+    assert compose_config([f"method={method}", f"scorer={other}"])._choices_["scorer"] == other
+    assert compose_config([f"method={method}", "~scorer"]).get("scorer") is None
+
+
+def test_methods_that_need_no_scores_bring_no_scorer():
+    for path in sorted((Path(CONFIG_DIR) / "method").glob("*.yaml")):
+        cfg = compose_config([f"method={path.stem}"])
+        if not getattr(instantiate(cfg.method), "needs_scores", False):
+            assert cfg.get("scorer") is None, path.stem
+
+
+def test_point_keys_leave_out_the_seed_and_then_the_task_but_nothing_else():
+    from peftbench.compose import point_keys
+
+    def keys(*overrides: str) -> dict:
+        return point_keys(compose_config(["method=spt_lora", *overrides]))
+
+    base = keys("seed=0")
+    assert keys("seed=1") == base  # scorer.seed follows ${seed}: still one point
+    assert keys("seed=0", "dataset=embedded/texture")["key_variant"] == base["key_variant"]
+    assert keys("seed=0", "dataset=embedded/texture")["key_seedless"] != base["key_seedless"]
+    assert keys("seed=0", "trainer.max_epochs=2")["key_variant"] != base["key_variant"]
+    assert keys("seed=0", "dataset=vtab/dtd")["key_variant"] != base["key_variant"]  # another recipe (100 epochs)

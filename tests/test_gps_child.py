@@ -171,7 +171,7 @@ def test_two_views_are_seeded_augmentations_in_pixel_range():
 
 def test_gps_scoring_defaults_to_one_full_pass_of_two_views_at_batch_16(tmp_path, monkeypatch):
     """scorer=contrastive: every training image once (scoring.n_samples null), batches of 16, two views each."""
-    cfg = compose_config(["method=gps", "scorer=contrastive"])
+    cfg = compose_config(["method=gps"])  # the method brings its scorer
     assert cfg.scoring.n_samples is None and cfg.scoring.batch_size == 16 and cfg.scorer.augment
     seen: list[int] = []
     real = contrastive_module.two_views
@@ -181,7 +181,7 @@ def test_gps_scoring_defaults_to_one_full_pass_of_two_views_at_batch_16(tmp_path
         return real(x, *args)
 
     monkeypatch.setattr(contrastive_module, "two_views", counting)
-    cfg = compose_config(TINY + [f"paths.output_dir={tmp_path}/outputs", "method=gps", "scorer=contrastive",
+    cfg = compose_config(TINY + [f"paths.output_dir={tmp_path}/outputs", "method=gps",
                                  "trainer.max_epochs=1"])
     record = execute(cfg, tmp_path / "run")
     assert record["status"] == "ok", record.get("error")

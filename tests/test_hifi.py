@@ -144,7 +144,6 @@ def test_end_to_end_run(tmp_path):
         + [
             f"paths.output_dir={tmp_path}/outputs",
             "method=hifi",
-            "scorer=hifi",
             "trainer.max_epochs=1",
             "scoring.n_samples=16",
             "scoring.batch_size=16",
@@ -224,6 +223,6 @@ def test_teleport_measurement_matches_the_method_and_the_readme_figure():
     small = ["scoring.n_samples=32", "scoring.batch_size=32"]
     out = module.measure(small)
     assert (out["layers"], out["k"], out["choices"], out["n_samples"]) == (6, 3, 18, 32)
-    selected = score.score(["scorer=hifi", "method=hifi", "logger=none", *small])["state"]["heads"]
+    selected = score.score(["method=hifi", "logger=none", *small])["state"]["heads"]
     assert out["heads"]["uniform"] == {path: list(h) for path, h in selected.items()}
     assert out["differ_from_uniform"] == {"uniform_flat_start": 0, "information": 1}

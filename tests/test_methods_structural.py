@@ -79,7 +79,7 @@ def test_partial_trains_last_k_blocks_and_final_norm(vit_b_meta, k):
 
 @pytest.mark.parametrize("k", [0, L + 1])
 def test_partial_rejects_k_out_of_range(vit_b_meta, k):
-    with pytest.raises(ValueError, match="between 1 and the depth 12"):
+    with pytest.raises(ValueError, match="k must be in \\[1, 12\\] \\(the depth\\)"):
         prepared(vit_b_meta, Partial(k=k))
 
 

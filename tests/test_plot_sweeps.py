@@ -117,3 +117,36 @@ def test_an_index_without_matching_runs_is_a_clear_error(tmp_path, command):
     assert "group 'g'" in str(err.value)
     with pytest.raises(SystemExit, match="no such results index"):
         plot.main([command, str(tmp_path / "nothing.jsonl")])
+
+
+def test_params_never_averages_runs_that_differ_in_more_than_seed_and_task(tmp_path, capsys):
+    """The reported case: a 1-epoch and a 2-epoch LoRA run were one point. Now: refused, or warned with --mixed."""
+    index = write(tmp_path / "index.jsonl", [
+        record("lora", "a", ["trainer.max_epochs=1"], 0.5, key="k1", key_variant="v1", key_seedless="s1"),
+        record("lora", "a", ["trainer.max_epochs=2"], 0.7, key="k2", key_variant="v2", key_seedless="s2"),
+    ])
+    with pytest.raises(SystemExit, match=r"the runs of \('lora', ''\) differ in trainer.max_epochs=1, "
+                                         r"trainer.max_epochs=2: they are not one point"):
+        sweeps.params(index, tmp_path)
+    (path,) = sweeps.params(index, tmp_path, mixed="warn")
+    assert path.read_bytes().startswith(PNG)
+    assert "warning" in capsys.readouterr().err
+    # the same with records written before the keys existed: their overrides tell them apart
+    legacy = write(tmp_path / "legacy.jsonl", [
+        record("lora", "a", ["trainer.max_epochs=1"], 0.5, key="k1"),
+        record("lora", "a", ["trainer.max_epochs=2"], 0.7, key="k2"),
+    ])
+    with pytest.raises(SystemExit, match="differ in trainer.max_epochs"):
+        sweeps.params(legacy, tmp_path)
+
+
+def test_params_averages_seeds_and_tasks_of_one_variant_and_names_a_task_subset(tmp_path):
+    runs = [
+        record("lora", "a", ["seed=0"], 0.5, key="k1", key_variant="v", key_seedless="sa"),
+        record("lora", "a", ["seed=1"], 0.7, key="k2", key_variant="v", key_seedless="sa"),
+        record("lora", "b", ["seed=0"], 0.9, key="k3", key_variant="v", key_seedless="sb"),
+        record("full", "a", [], 0.8, params=9000, key="k4", key_variant="f", key_seedless="fa"),
+    ]
+    points = {p.method: p for p in sweeps.params_points(runs)}
+    assert points["lora"].acc == pytest.approx((0.6 + 0.9) / 2) and points["lora"].runs == 3
+    assert points["full"].task_names == ["a"] and points["full"].tasks == 1  # drawn as "[only a]"

@@ -65,7 +65,7 @@ def test_zero_epochs_stop_before_training(tmp_path, override):
 
 
 def test_zero_scoring_samples_stop_before_training(tmp_path):
-    code, _, err = train_cli(*_vtab(tmp_path), "method=spt_lora", "scorer=sensitivity", "scoring.n_samples=0")
+    code, _, err = train_cli(*_vtab(tmp_path), "method=spt_lora", "scoring.n_samples=0")
     _failed(tmp_path, code, err, "gets no data")
 
 

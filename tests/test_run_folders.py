@@ -177,3 +177,39 @@ def test_the_checkpoint_holds_what_training_changes_and_goes_when_the_run_is_ok(
     assert rc == 0 and not (tmp_path / "b" / "run" / "checkpoints").exists()
     assert (tmp_path / "b" / "run" / "task.pt").exists()
     assert _results(tmp_path / "b")["storage"]["checkpoint_kept"] is False
+
+
+def test_wandb_names_tags_and_a_killed_run_still_shows_its_config(tmp_path):
+    """A real process: W&B (offline) gets ``<method>-<dataset>-s<seed>`` plus the overrides, the protocol tag and the
+    config at the start, so a run killed in its first epoch still shows what it was."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    kill = "+callbacks.kill={_target_: tests.helpers.SignalAtEpoch, epoch: 0}"
+    args = [o for o in TINY if o != "logger=none"] + [
+        "logger=wandb", f"paths.output_dir={tmp_path / 'out'}", f"run_dir={tmp_path / 'run'}", "trainer.max_epochs=2",
+        "method.scale=4.0", kill,
+    ]
+    out = subprocess.run([sys.executable, "-m", "peftbench.train", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 143, out.stderr[-2000:]
+    (log,) = (tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb")
+    blob = log.read_bytes()
+    assert b"lora-blobs-s0-" in blob and b"method.scale=4.0" in blob  # the run's name
+    assert b"protocol:tune" in blob  # its tags
+    assert b"label_smoothing" in blob and b"tests.helpers.BlobTask" in blob  # its config, logged at the start
+    for notice in ("anonymous", "Tip:", "`weights_only` was not set", "LeafSpec"):  # nobody can act on these
+        assert notice not in out.stderr, notice
+
+
+def test_a_warm_up_as_long_as_the_run_is_flagged(tmp_path):
+    code, _, err = train_cli(*_args(tmp_path, "trainer.max_epochs=1"))  # the blobs recipe warms up for 1 epoch
+    assert code == 0 and "the warm-up (1 epochs, scheduler.warmup_epochs) is not shorter than the run" in err
+    code, _, err = train_cli(*_args(tmp_path / "b", "trainer.max_epochs=2"))
+    assert code == 0 and "warm-up" not in err
+
+
+def test_scoring_says_what_it_does(tmp_path):
+    code, _, err = train_cli(*_args(tmp_path, "trainer.max_epochs=1", "method=spt_lora",
+                                    "scoring.n_samples=16"))
+    assert code == 0, err
+    assert "scoring the pre-trained model with Sensitivity on the first 16 training images" in err
+    assert "scored and selected in" in err

@@ -86,7 +86,6 @@ def test_fast_keys_equal_full_composition(composer):
             [
                 *SCALES["smoke"].overrides,
                 "method=spt_lora",
-                "scorer=sensitivity",
                 "method.budget=0.23M",
                 "+trainer.limit_train_batches=2",
                 "dataset.seed=3",

@@ -17,7 +17,6 @@ from peftbench.module import PEFTModule
 from peftbench.train import compose_config
 
 METHODS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "method").glob("*.yaml"))
-SCORER = {"hifi": "hifi", "gps": "contrastive"}  # as tests/test_zoo.py; other scoring methods: sensitivity
 #: parameter-name parts that are factors or sparse entries of a weight matrix (the reference, by name)
 MATRIX_PARTS = {"sparse_delta", "lora_A", "lora_B", "phm_rule", "phm_B", "phm_s", "phm_t"}
 #: methods whose trainable weight entries live in 1-D sparse deltas (all in the no-decay group before)
@@ -28,9 +27,7 @@ def composed(method: str) -> tuple[nn.Module, PEFTModule]:
     """vit_micro (random weights, 5 classes) with ``method`` from its config applied, inside a PEFTModule."""
     cfg = compose_config([f"method={method}", "backbone.pretrained=false", "logger=none"])
     m = instantiate(cfg.method)
-    scorer = None
-    if getattr(m, "needs_scores", False):
-        scorer = instantiate(compose_config([f"scorer={SCORER.get(method, 'sensitivity')}"]).scorer)
+    scorer = instantiate(cfg.scorer) if cfg.get("scorer") else None  # the method's config brings its scorer
     torch.manual_seed(0)
     model = instantiate(cfg.backbone, num_classes=5)
     g = torch.Generator().manual_seed(0)

@@ -15,20 +15,15 @@ from peftbench.train import compose_config, execute
 METHODS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "method").glob("*.yaml"))
 
 
-SCORER = {"hifi": "hifi", "gps": "contrastive"}  # the scorer each scoring method is used with; default sensitivity
 
 
 def needs_scores(method: str) -> bool:
     return bool(getattr(instantiate(compose_config([f"method={method}"]).method), "needs_scores", False))
 
 
-def scorer_override(method: str) -> list[str]:
-    return [f"scorer={SCORER.get(method, 'sensitivity')}"] if needs_scores(method) else []
-
-
 def prepare(model: torch.nn.Module, method: str, batches: list):
-    """Apply ``method`` from its config; scoring methods get the sensitivity scorer on ``batches``."""
-    cfg = compose_config([f"method={method}"] + scorer_override(method))
+    """Apply ``method`` from its config; a scoring method's config brings its scorer, run on ``batches``."""
+    cfg = compose_config([f"method={method}"])
     m = instantiate(cfg.method)
     scorer = instantiate(cfg.scorer) if cfg.get("scorer") else None
     prepare_model(model, m, scorer, lambda: batches)
@@ -56,7 +51,7 @@ def test_trains_on_embedded_digits_above_chance(tmp_path, method):
     cfg = compose_config([
         f"method={method}", "logger=none", f"paths.output_dir={tmp_path}", "trainer.enable_progress_bar=false",
         "trainer.max_epochs=3", "scheduler.warmup_epochs=1", "optimizer.lr=3e-3",
-    ] + scorer_override(method))
+    ])
     record = execute(cfg, tmp_path / "run")
     assert record["status"] == "ok"
     assert record["metrics"]["test_acc"] > 0.3, record["metrics"]
@@ -97,7 +92,7 @@ def test_swin_b_paper_configuration_forward_backward(method):
     torch.manual_seed(0)
     model = build_backbone("swin_b_in22k", num_classes=10, timm_name="swin_base_patch4_window7_224", pretrained=False)
     x, y = torch.randn(2, 3, 224, 224), torch.tensor([1, 2])
-    cfg = compose_config([f"method={method}", *SWIN[method]] + scorer_override(method))
+    cfg = compose_config([f"method={method}", *SWIN[method]])
     m, scorer = instantiate(cfg.method), instantiate(cfg.scorer) if cfg.get("scorer") else None
     state = prepare_model(model, m, scorer, lambda: [(x, y)])
     if method == "heart_lora":

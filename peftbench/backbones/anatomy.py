@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftbench.errors import WeightsError
+from peftbench.errors import ConfigError, WeightsError
 
 #: Names of the linear "targets" a method can address inside a block.
 ATTN_TARGETS = ("q", "k", "v", "proj")
@@ -185,7 +185,7 @@ def iter_linear_targets(model: nn.Module, targets: tuple[str, ...]) -> Iterator[
     """Every (block, target) pair present in the model for the requested target names."""
     unknown = set(targets) - set(TARGETS)
     if unknown:
-        raise ValueError(f"unknown target(s) {sorted(unknown)}; choose from {list(TARGETS)}")
+        raise ConfigError(f"unknown target(s) {sorted(unknown)}; choose from {list(TARGETS)}")
     for b in blocks(model):
         for t in targets:
             if t in b.targets():
@@ -211,7 +211,7 @@ def patch_embedding(model: nn.Module) -> nn.Module | None:
 def set_patch_embedding(model: nn.Module, new: nn.Module) -> None:
     """Replace the patch-embedding conv (e.g. by a wrapper whose ``base_layer`` is the conv)."""
     if patch_embedding_path(model) is None:
-        raise ValueError(f"{type(model).__name__} has no patch-embedding convolution")
+        raise ConfigError(f"{type(model).__name__} has no patch-embedding convolution")
     model.patch_embed.proj = new
 
 
@@ -233,6 +233,22 @@ def token_parameters(model: nn.Module) -> set[str]:
 def prefix_tokens(model: nn.Module) -> int:
     """Number of tokens before the patch tokens (cls + register tokens) in a timm ViT's sequence."""
     return int(getattr(model, "num_prefix_tokens", 1))
+
+
+def class_token(model: nn.Module) -> nn.Parameter | None:
+    """The class token of a timm ViT (``model.cls_token``, (1, 1, C)); None when the model has none (Swin, ConvNeXt)."""
+    token = getattr(model, "cls_token", None)
+    return token if isinstance(token, nn.Parameter) else None
+
+
+def qkv_bias_name(block: BlockView) -> str | None:
+    """Parameter name of the fused qkv bias (3C,) of ``block`` (rows as :meth:`BlockView.rows`), None without one."""
+    if block.attn is None:
+        return None
+    layer = block.linear("q")
+    while hasattr(layer, "base_layer"):
+        layer = layer.base_layer
+    return f"{block.linear_path('q')}.bias" if getattr(layer, "bias", None) is not None else None
 
 
 def final_norm(model: nn.Module) -> nn.Module | None:

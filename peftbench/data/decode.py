@@ -16,6 +16,7 @@ import io
 import json
 import os
 import stat
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ import PIL
 import torch
 from PIL import Image
 
+from peftbench.console import say
 from peftbench.data.base import SplitArrays
-from peftbench.errors import DataError
+from peftbench.errors import ConfigError, DataError
 
 CACHE_FORMAT = 1  # bump when the on-disk layout changes
 CACHE_DIRNAME = ".peftbench_cache"
@@ -56,9 +58,9 @@ class ImageTransform:
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERP:
-            raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, got {self.interpolation!r}")
+            raise ConfigError(f"interpolation must be one of {sorted(_INTERP)}, got {self.interpolation!r}")
         if self.crop is not None and self.crop > self.resize:
-            raise ValueError(f"crop {self.crop} larger than resize {self.resize}")
+            raise ConfigError(f"crop {self.crop} larger than resize {self.resize}")
 
     @property
     def fixed_size(self) -> int | None:
@@ -300,9 +302,13 @@ def build_split(
     if labels is not None:
         labels = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels, dtype=torch.int64)
         if len(labels) != len(items):
-            raise ValueError(f"{len(items)} items but {len(labels)} labels")
+            raise ConfigError(f"{len(items)} items but {len(labels)} labels")
     collected: list[int] = []
     writer = _Writer(entry if len(items) else None, len(items), fixed_size)  # empty files cannot be mapped
+    start = time.perf_counter()
+    if len(items) >= 200:  # a first decode of a real split takes a while: say what is happening
+        where = f" into {entry}" if entry is not None else ""
+        say(f"decoding {len(items)} images once{where} (later runs load them in a second) ...")
     try:
         for i, out in enumerate(_ordered(items, fn, num_workers or default_num_workers())):
             if labels is None:
@@ -311,7 +317,10 @@ def build_split(
             writer.add(i, out)
         if labels is None:
             labels = torch.tensor(collected, dtype=torch.int64)
-        return writer.finish(labels, key)
+        split = writer.finish(labels, key)
+        if len(items) >= 200:
+            say(f"decoded {len(items)} images in {time.perf_counter() - start:.1f}s")
+        return split
     finally:
         writer.abort()  # removes leftovers of a failed build; a no-op after finish()
 

@@ -3,6 +3,8 @@
     Bottleneck:        r = up(dropout(act(down(x))))        down: Linear(n_in -> n), up: Linear(n -> n_in)
     SequentialAdapter: y = h + r(h),       h = base_layer(x)   (Houlsby: after a sub-layer's output projection)
     ParallelAdapter:   y = base_layer(x) + s * r(x)            (AdaptFormer: a scaled branch beside the MLP)
+    SliceAdapter:      y = h,  y[..., rows_g] += r_g(drop(h[..., rows_g]))   (SPT-Adapter: one bottleneck per
+                       output slice of one linear, e.g. q, k, v of a fused qkv, or the whole output of fc1 / fc2)
 
 ``up`` is zero-initialised (weight and bias), so at step 0 every wrapper computes exactly what its base layer
 computes. ``down`` keeps nn.Linear's default (Kaiming-uniform) weight with a zero bias, AdaptFormer's "lora"
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftbench.errors import ConfigError
 from peftbench.layers.base import BaseLayerWrapper
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
@@ -46,9 +49,9 @@ class Bottleneck(nn.Module):
     ) -> None:
         super().__init__()
         if n < 0:
-            raise ValueError(f"adapter hidden width must be >= 0, got {n}")
+            raise ConfigError(f"adapter hidden width must be >= 0, got {n}")
         if act not in ACTIVATIONS:
-            raise ValueError(f"unknown adapter activation {act!r}; choose from {sorted(ACTIVATIONS)}")
+            raise ConfigError(f"unknown adapter activation {act!r}; choose from {sorted(ACTIVATIONS)}")
         self.n_in, self.n = n_in, n
         if down is None:
             down = nn.Linear(n_in, n, device=device, dtype=dtype)  # weight (n, n_in): Kaiming-uniform default
@@ -103,3 +106,59 @@ class ParallelAdapter(BaseLayerWrapper):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
+
+
+class SliceAdapter(BaseLayerWrapper):
+    """Sequential bottlenecks on slices of a frozen linear's output (SPT-Adapter: one per sensitive matrix).
+
+        h = base_layer(x)                                   (..., out)
+        y = h;  y[..., rows_g] += adapter_g(dropout(h[..., rows_g]))   for each group g
+
+    A group's rows are the output rows of one matrix held by ``base_layer`` (q, k or v of a fused qkv: C of its
+    3C rows; None = the whole output, e.g. fc1's 4C before the activation). Every ``adapter_g`` maps its slice
+    width to itself and starts at zero (``up`` zero-initialised), so step 0 is the base layer's output.
+
+    Args:
+        base_layer: the frozen module (an nn.Linear or a tuner wrapper around one).
+        adapters: one bottleneck per group, ``n_in`` = the group's width.
+        rows: one row-index tensor per group (None = every output row; then the only group).
+        dropout: dropout on each adapter's input (SPT's authors' code: 0.1).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapters: list[Bottleneck],
+        rows: list[torch.Tensor | None],
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(adapters) != len(rows) or not adapters:
+            raise ConfigError(f"SliceAdapter needs one row set per adapter, got {len(adapters)} and {len(rows)}")
+        if any(r is None for r in rows) and len(rows) > 1:
+            raise ConfigError("SliceAdapter: a whole-output group (rows=None) must be the only group")
+        for ad, r in zip(adapters, rows):
+            width = base_layer.out_features if r is None else len(r)
+            if ad.n_in != width:
+                raise ConfigError(f"SliceAdapter: an adapter of width {ad.n_in} on a slice of {width} rows")
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleList(adapters)
+        self.whole = rows[0] is None
+        device = base_layer.weight.device
+        for i, r in enumerate(rows):
+            if r is not None:
+                self.register_buffer(f"rows_{i}", torch.as_tensor(r, dtype=torch.long).to(device))  # (width_g,)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base_layer(x)  # (..., out)
+        d = self.dropout(h)  # elementwise: each slice sees independent dropout, as one dropout per matrix would
+        if self.whole:
+            return h + self.adapters[0](d)
+        for i, adapter in enumerate(self.adapters):
+            rows = getattr(self, f"rows_{i}")  # (width_g,)
+            h = h.index_add(-1, rows, adapter(d.index_select(-1, rows)).to(h.dtype))  # (..., out)
+        return h
+
+    def extra_repr(self) -> str:
+        return f"groups={len(self.adapters)}, whole={self.whole}"

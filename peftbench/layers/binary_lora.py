@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftbench.errors import ConfigError
 from peftbench.layers.lora import LoRALinear
 
 GAUSS_1BIT = 0.6744897501960817  # Phi^-1(0.75): the authors' 1-bit code for a standardised weight is +-this
@@ -30,7 +31,7 @@ def binary_code(w: torch.Tensor, quantizer: str) -> tuple[torch.Tensor, torch.Te
     elif quantizer == "gaussian":
         offset, scale = flat.mean(1), flat.std(1) * GAUSS_1BIT
     else:
-        raise ValueError(f"unknown quantizer {quantizer!r}; choose from {list(QUANTIZERS)}")
+        raise ConfigError(f"unknown quantizer {quantizer!r}; choose from {list(QUANTIZERS)}")
     bits = flat >= offset[:, None]  # True = +1, False = -1
     return bits.view_as(w), scale, offset
 
@@ -83,11 +84,11 @@ class BinaryLoRALinear(LoRALinear):
     ) -> None:
         super().__init__(base_layer, rank, row_groups, scale=scale, dropout=dropout)
         if quantizer not in QUANTIZERS:
-            raise ValueError(f"unknown quantizer {quantizer!r}; choose from {list(QUANTIZERS)}")
+            raise ConfigError(f"unknown quantizer {quantizer!r}; choose from {list(QUANTIZERS)}")
         if init == "trunc_normal":
             nn.init.trunc_normal_(self.lora_B, std=1e-3, a=-2e-3, b=2e-3)
         elif init != "zeros":
-            raise ValueError(f"unknown Bi-LoRA init {init!r}; choose trunc_normal or zeros")
+            raise ConfigError(f"unknown Bi-LoRA init {init!r}; choose trunc_normal or zeros")
         self.quantizer = quantizer
         self.register_buffer("lora_A_bin", None, persistent=False)  # decoded factors after load_packed()
         self.register_buffer("lora_B_bin", None, persistent=False)

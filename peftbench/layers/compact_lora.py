@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from peftbench.errors import ConfigError
 from peftbench.layers.base import MATRIX, MergeableWrapper
 from peftbench.layers.sparse import _SparseDelta
 
@@ -52,9 +53,9 @@ class CompactLoRALinear(_SparseDelta, MergeableWrapper):
         for i, (rows, cols, rank) in enumerate(blocks):
             rows, cols = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
             if rank < 1 or rows.numel() == 0 or cols.numel() == 0:
-                raise ValueError(f"compact LoRA block {i} needs rank >= 1 and non-empty rows/cols")
+                raise ConfigError(f"compact LoRA block {i} needs rank >= 1 and non-empty rows/cols")
             if int(rows.max()) >= w.shape[0] or int(cols.max()) >= w.shape[1] or min(rows.min(), cols.min()) < 0:
-                raise ValueError(f"compact LoRA block {i} indexes outside the ({w.shape[0]}, {w.shape[1]}) weight")
+                raise ConfigError(f"compact LoRA block {i} indexes outside the ({w.shape[0]}, {w.shape[1]}) weight")
             self.register_buffer(f"rows_{i}", rows.to(w.device))  # (|R_b|,)
             self.register_buffer(f"cols_{i}", cols.to(w.device))  # (|K_b|,)
             a = nn.Parameter(torch.empty(int(rank), cols.numel(), device=w.device, dtype=w.dtype))  # (r, |K|)

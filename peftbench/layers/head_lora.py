@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftbench.errors import ConfigError
 from peftbench.layers.lora import LoRALinear
 
 
@@ -42,7 +43,7 @@ class HeadLoRALinear(LoRALinear):
         super().__init__(base_layer, rank, row_groups, scale=scale, dropout=dropout)
         out_g = self.lora_B.shape[1]
         if out_g % num_heads:
-            raise ValueError(f"{out_g} rows per group do not split into {num_heads} heads")
+            raise ConfigError(f"{out_g} rows per group do not split into {num_heads} heads")
         self.num_heads, self.head_dim = num_heads, out_g // num_heads
         self.active_heads: list[int] = list(range(num_heads))  # the heads whose rows B holds, in row order
 

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from peftbench.errors import check_range
+from peftbench.errors import ConfigError, check_range
 from peftbench.layers.base import MATRIX, MergeableWrapper
 
 
@@ -49,7 +49,7 @@ class LoRALinear(MergeableWrapper):
         else:
             sizes = {len(g) for g in row_groups}
             if len(sizes) != 1:
-                raise ValueError(f"LoRA row groups must have equal sizes, got {sorted(sizes)}")
+                raise ConfigError(f"LoRA row groups must have equal sizes, got {sorted(sizes)}")
             groups, out_g = len(row_groups), sizes.pop()
             rows = torch.cat([g.long() for g in row_groups])  # (groups*out_g,)
         # a rank above min(in, out) adds parameters but no expressiveness (and rank 1e5 would allocate gigabytes)

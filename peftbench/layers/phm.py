@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftbench.errors import ConfigError
 from peftbench.layers.base import MATRIX, VECTOR
 
 
@@ -63,7 +64,7 @@ class PHMLinear(nn.Module):
         super().__init__()
         n = phm_dim
         if n < 1 or n_in % n or n_out % n:
-            raise ValueError(f"PHM dimension {n} must divide both widths (in={n_in}, out={n_out})")
+            raise ConfigError(f"PHM dimension {n} must divide both widths (in={n_in}, out={n_out})")
         self.n_in, self.n_out, self.phm_dim, self.rank = n_in, n_out, n, rank
         p, q = n_out // n, n_in // n
         self.phm_rule = rule if rule is not None else new_rule(n, device, dtype)  # (n, n, n); shared when given

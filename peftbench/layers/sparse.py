@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftbench.errors import ConfigError
 from peftbench.layers.base import MATRIX, BaseLayerWrapper
 from peftbench.layers.lora import LoRALinear
 
@@ -26,9 +27,9 @@ from peftbench.layers.lora import LoRALinear
 def _check_indices(indices: torch.Tensor, numel: int) -> torch.Tensor:
     indices = torch.as_tensor(indices, dtype=torch.long).flatten()
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
-        raise ValueError(f"sparse indices must lie in [0, {numel}), got [{int(indices.min())}, {int(indices.max())}]")
+        raise ConfigError(f"sparse indices must lie in [0, {numel}), got [{int(indices.min())}, {int(indices.max())}]")
     if indices.unique().numel() != indices.numel():
-        raise ValueError("sparse indices must be unique")
+        raise ConfigError("sparse indices must be unique")
     return indices.sort().values
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from peftbench.backbones import anatomy
-from peftbench.errors import check_range
+from peftbench.errors import ConfigError, check_range
 from peftbench.layers.adapter import Bottleneck, SequentialAdapter
 from peftbench.methods.base import Method, State, freeze
 
@@ -44,9 +44,9 @@ class Adapter(Method):
         dropout: float = 0.0,
     ) -> None:
         if placement not in PLACEMENTS:
-            raise ValueError(f"unknown adapter placement {placement!r}; choose from {sorted(PLACEMENTS)}")
+            raise ConfigError(f"unknown adapter placement {placement!r}; choose from {sorted(PLACEMENTS)}")
         if sigma is not None and sigma <= 0:
-            raise ValueError(f"adapter compression ratio sigma must be > 0, got {sigma}")
+            raise ConfigError(f"adapter compression ratio sigma must be > 0, got {sigma}")
         check_range("method.n", n, 1, integer=True)  # a width-0 adapter trains nothing but the head
         check_range("method.dropout", dropout, 0.0, 1.0)
         self.n, self.sigma, self.placement = int(n), sigma, placement

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from peftbench.errors import ConfigError
 from peftbench.layers.binary_lora import BinaryLoRALinear
 from peftbench.methods.lora import LoRA
 
@@ -65,7 +66,7 @@ def load_packed(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]]) ->
     """Make every Bi-LoRA layer of ``model`` (prepared with the same config) compute with the packed factors."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, BinaryLoRALinear)}
     if set(layers) != set(packed):
-        raise ValueError(f"packed Bi-LoRA layers {sorted(packed)} do not match the model's {sorted(layers)}")
+        raise ConfigError(f"packed Bi-LoRA layers {sorted(packed)} do not match the model's {sorted(layers)}")
     for name, layer in layers.items():
         layer.load_packed(packed[name])
 

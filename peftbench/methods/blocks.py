@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.errors import ConfigError
 from peftbench.methods.base import Method, State, freeze
 
 PARTS = ("attn", "mlp")
@@ -31,7 +32,7 @@ class Blocks(Method):
 
     def __init__(self, part: str = "attn") -> None:
         if part not in PARTS:
-            raise ValueError(f"blocks: part must be one of {list(PARTS)}, got {part!r}")
+            raise ConfigError(f"blocks: part must be one of {list(PARTS)}, got {part!r}")
         self.part = part
 
     def apply(self, model: nn.Module, state: State) -> None:
@@ -39,7 +40,7 @@ class Blocks(Method):
         for block in anatomy.blocks(model):
             module = block.attn if self.part == "attn" else block.mlp
             if module is None:
-                raise ValueError(f"blocks: {block.path} has no {self.part} sub-block (e.g. ConvNeXt has no attention)")
+                raise ConfigError(f"blocks: {block.path} has no {self.part} sub-block (e.g. ConvNeXt has no attention)")
             module.requires_grad_(True)
 
     def describe(self, state: State) -> dict[str, Any]:

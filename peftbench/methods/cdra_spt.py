@@ -23,7 +23,13 @@ Choices where the paper is silent (all in config):
   Eq. 7 uses the chosen block's dimensions; an empty block (all rows sensitive, say) falls back as r = 0.
 * ``cases`` (Table 5): which of SPT's cases get CDRA; a case left out keeps SPT's treatment (Case 1: sparse
   entries; Case 2: LoRA rank ``spt_rank`` on the whole matrix, built as one full-size block).
-* Vectors (norms, biases) follow SPT (tuned whole when >= 1/beta sensitive; paper silent).
+* Vectors (norms, biases), the fused qkv bias's q/k/v parts and the class token follow SPT (paper silent): whole
+  when >= 1/beta sensitive, else their sensitive entries; the class token tuned and counted.
+* ``budget`` (the paper's top-gamma is not printed): ``budget_of: spt`` (default) takes tau from SPT-LoRA of rank
+  ``spt_rank``: the tau whose SPT-LoRA trainable count is nearest the budget, SPT's selection reused as is, so
+  CDRA trains fewer parameters than SPT-LoRA at the same selection, as every ablation of the paper shows (one
+  selection, Params (%) from 0.29 to 1.45 in Tables 4-7). ``budget_of: cdra`` searches tau for CDRA's own count
+  (not monotone in tau: bisection plus neighbours, a heuristic). ``tau`` set: used as is.
 """
 
 from __future__ import annotations
@@ -34,11 +40,11 @@ import torch
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.errors import ConfigError
 from peftbench.layers.compact_lora import CompactLoRALinear
 from peftbench.layers.sparse import SparseDeltaLinear
 from peftbench.methods.base import State, freeze
-from peftbench.methods.spt_lora import SPTLoRA
-from peftbench.scorers.base import matrix_key
+from peftbench.methods.spt_lora import Candidates, SPTLoRA, apply_vector_entries
 
 BLOCKS = ("00", "01", "10", "11")
 
@@ -57,7 +63,7 @@ def compact_index(mask: torch.Tensor, size_factor: float = 1.0, block: str = "10
     matter for the delta, which is learnt). See the module docstring for ``size_factor`` and ``block``.
     """
     if block not in BLOCKS:
-        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+        raise ConfigError(f"block must be one of {BLOCKS}, got {block!r}")
     d, k = mask.shape
     row_count = mask.sum(1)  # (d,) sensitive entries per row
     r_map = torch.sort(row_count, descending=True, stable=True).indices  # (d,)
@@ -81,7 +87,10 @@ class CDRASPT(SPTLoRA):
     """CDRA-SPT: SPT's selection, then LoRA of dynamic rank on each matrix's compact sensitive sub-matrix.
 
     Args:
-        budget, alpha, beta, targets: as SPT (tau, Case 1/2 threshold, vector threshold, candidate matrices).
+        budget, tau, alpha, beta, targets, cls_token: as SPT (trainable target, or tau itself; Case 1/2
+            threshold; vector threshold; candidate matrices; class token).
+        budget_of: whose trainable count the budget targets: ``spt`` (SPT-LoRA of rank ``spt_rank``, default) or
+            ``cdra`` (this method's own).
         rank: None = Eq. 7's dynamic rank; an int = fixed rank for every compact block (Table 4 ablation).
         spt_rank: SPT's LoRA rank r that defines Case 1 / Case 2 (and the LoRA of a Case 2 left to SPT).
         size_factor: scales the compact sub-matrix's rows and columns (Table 6: 0.5, 1.0, 1.5).
@@ -93,7 +102,9 @@ class CDRASPT(SPTLoRA):
 
     def __init__(
         self,
-        budget: int | float | str = "0.4M",
+        budget: int | float | str | None = "0.47%",
+        tau: int | float | str | None = None,
+        budget_of: str = "spt",
         rank: int | None = None,
         spt_rank: int = 8,
         size_factor: float = 1.0,
@@ -104,26 +115,73 @@ class CDRASPT(SPTLoRA):
         alpha: float = 10.0,
         beta: float = 5.0,
         targets: Sequence[str] = anatomy.TARGETS,
+        cls_token: bool = True,
     ) -> None:
-        super().__init__(rank=spt_rank, scale=scale, budget=budget, alpha=alpha, beta=beta, targets=targets)
+        super().__init__(
+            rank=spt_rank,
+            scale=scale,
+            budget=budget,
+            tau=tau,
+            alpha=alpha,
+            beta=beta,
+            targets=targets,
+            dropout=0.0,
+            cls_token=cls_token,
+        )
         block = str(block).zfill(2)  # a CLI override block=01 arrives as the int 1
         if block not in BLOCKS:
-            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+            raise ConfigError(f"block must be one of {BLOCKS}, got {block!r}")
         if rank_fallback not in ("sparse", "none"):
-            raise ValueError(f"rank_fallback must be 'sparse' or 'none', got {rank_fallback!r}")
+            raise ConfigError(f"rank_fallback must be 'sparse' or 'none', got {rank_fallback!r}")
         if not set(cases) <= {1, 2}:
-            raise ValueError(f"cases must be a subset of [1, 2], got {list(cases)}")
+            raise ConfigError(f"cases must be a subset of [1, 2], got {list(cases)}")
+        if budget_of not in ("spt", "cdra"):
+            raise ConfigError(f"budget_of must be 'spt' or 'cdra', got {budget_of!r}")
         self.fixed_rank = None if rank is None else int(rank)
         self.size_factor, self.block = float(size_factor), block
         self.cases, self.rank_fallback = tuple(sorted({int(c) for c in cases})), rank_fallback
+        self.budget_of = budget_of
 
     @property
     def name(self) -> str:
         return "cdra_spt"
 
+    def trainable_at(self, model: nn.Module, cands: Candidates, tau: int) -> int:
+        if self.budget_of == "spt":
+            return super().trainable_at(model, cands, tau)  # SPT-LoRA's count (rank spt_rank) at this tau
+        return self.compact(model, cands, tau)[3]["trainable_backbone"]
+
     def select(self, model: nn.Module, scores: dict[str, torch.Tensor] | None) -> State:
-        spt = super().select(model, scores)  # SPT's allocation: Case 2 = spt["structured"], vectors
-        masks = self.sensitive_masks(model, scores)  # SPT's (matrices and vectors; only matrices used here)
+        if not scores:
+            raise ConfigError(f"{self.name} needs sensitivity scores: set scorer=sensitivity")
+        cands = self.candidates(model, scores)
+        tau, info = self.resolve_tau(model, cands)
+        blocks, sparse, spt, summary = self.compact(model, cands, tau)
+        summary = {
+            "budget": info.get("budget"),
+            "budget_of": self.budget_of,
+            "tau": int(tau),
+            "tau_source": info["tau_source"],
+            "trainable_backbone": summary.pop("trainable_backbone"),
+            **{k: v for k, v in info.items() if k not in ("budget", "tau_source")},
+            "spt_trainable": spt["summary"]["trainable_backbone"],
+            **summary,
+        }
+        return {
+            "budget": info.get("budget"),
+            "tau": int(tau),
+            "blocks": blocks,
+            "sparse": sparse,
+            "vectors": spt["vectors"],
+            "vector_entries": spt["vector_entries"],
+            "cls_token": spt["cls_token"],
+            "summary": summary,
+        }
+
+    def compact(self, model: nn.Module, cands: Candidates, tau: int) -> tuple[dict, dict, State, dict]:
+        """(compact blocks per holding linear, sparse entries per holding linear, SPT's state, summary) at tau."""
+        spt = self.allocate(model, cands, tau, {"tau_source": "given"})  # SPT's allocation: Case 2, vectors
+        masks = cands.masks(tau)  # SPT's (matrices and vectors; only matrices used here)
         case2 = set(spt["structured"])
         blocks: dict[str, list[dict]] = {}
         sparse: dict[str, list[torch.Tensor]] = {}
@@ -137,10 +195,10 @@ class CDRASPT(SPTLoRA):
             "frozen_sensitive": 0,
         }
         ranks: list[int] = []
-        for block, target in anatomy.iter_linear_targets(model, self.targets):
-            key = matrix_key(block, target)
-            if key not in masks:
+        for unit in cands.units:
+            if not unit.matrix:
                 continue
+            key, block, target = unit.key, unit.block, unit.target
             mask = masks[key]  # (d, k) in the slice
             count = int(mask.sum())
             if count == 0:
@@ -187,30 +245,28 @@ class CDRASPT(SPTLoRA):
             else:
                 stats["frozen_sensitive"] += count
         sparse_idx = {path: torch.cat(parts).sort().values for path, parts in sparse.items()}
-        n_vec = spt["summary"]["vector_params"]
+        s = spt["summary"]
+        n_vec = s["vector_params"] + s["vector_entries"] + s["cls_token"]
         summary = {
-            "budget": self.budget,
-            "selected": spt["summary"]["selected"],
-            "case1_matrices": sum(1 for k, m in masks.items() if k not in case2 and int(m.sum()) > 0),
+            "trainable_backbone": stats["compact_params"] + stats["spt_lora_params"] + stats["sparse_entries"] + n_vec,
+            "selected": int(tau),
+            "case1_matrices": sum(1 for key, m in masks.items() if m.ndim == 2 and key not in case2 and bool(m.any())),
             "case2_matrices": len(case2),
             **stats,
             "rank_mean": float(sum(ranks) / len(ranks)) if ranks else 0.0,
             "rank_max": max(ranks, default=0),
-            "vectors_tuned": len(spt["vectors"]),
-            "vector_params": n_vec,
-            "trainable_backbone": stats["compact_params"] + stats["spt_lora_params"] + stats["sparse_entries"] + n_vec,
+            "vectors_tuned": s["vectors_tuned"],
+            "vector_params": s["vector_params"],
+            "vector_entries": s["vector_entries"],
+            "cls_token": s["cls_token"],
         }
-        return {
-            "budget": self.budget,
-            "blocks": blocks,
-            "sparse": sparse_idx,
-            "vectors": spt["vectors"],
-            "summary": summary,
-        }
+        return blocks, sparse_idx, spt, summary
 
     def apply(self, model: nn.Module, state: State) -> None:
         params = dict(model.named_parameters())
         vectors = [params[n] for n in state["vectors"]]  # resolved before wrapping renames them
+        entries = {params[n]: idx for n, idx in state.get("vector_entries", {}).items()}
+        token = anatomy.class_token(model) if state.get("cls_token") else None
         freeze(model)
         seen: set[str] = set()
         for block, target in anatomy.iter_linear_targets(model, self.targets):
@@ -230,5 +286,6 @@ class CDRASPT(SPTLoRA):
             else:
                 continue
             block.set_linear(target, new)
-        for p in vectors:
+        apply_vector_entries(model, entries)
+        for p in vectors + ([token] if token is not None else []):
             p.requires_grad_(True)

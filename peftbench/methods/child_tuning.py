@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from peftbench.backbones import anatomy
+from peftbench.errors import ConfigError
 from peftbench.layers.base import MATRIX, VECTOR, BaseLayerWrapper
 from peftbench.layers.sparse import SparseDeltaLinear
 from peftbench.methods.base import Method, State, freeze
@@ -48,7 +49,7 @@ class SparseParams(BaseLayerWrapper):
             p = params[name]
             idx = torch.as_tensor(indices[name], dtype=torch.long).flatten().unique().to(p.device)  # sorted
             if idx.numel() and int(idx.max()) >= p.numel():
-                raise ValueError(f"indices of {name!r} exceed its {p.numel()} entries")
+                raise ConfigError(f"indices of {name!r} exceed its {p.numel()} entries")
             self.register_buffer(f"indices_{i}", idx)  # (nnz_i,)
             self.deltas.append(nn.Parameter(torch.zeros(idx.numel(), device=p.device, dtype=p.dtype)))
         # entries of a weight matrix decay like it; entries of a vector (norm, bias) do not
@@ -137,7 +138,7 @@ class ChildTuningD(Method):
 
     def __init__(self, p: float = 0.3, targets=anatomy.TARGETS, vectors: bool = True) -> None:
         if not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"child-tuning density p must be in [0, 1], got {p}")
+            raise ConfigError(f"child-tuning density p must be in [0, 1], got {p}")
         self.p, self.targets, self.vectors = float(p), tuple(targets), bool(vectors)
 
     @property
@@ -146,7 +147,7 @@ class ChildTuningD(Method):
 
     def select(self, model: nn.Module, scores: dict[str, torch.Tensor] | None) -> State:
         if not scores:
-            raise ValueError("child_tuning needs Fisher scores: set scorer=sensitivity")
+            raise ConfigError("child_tuning needs Fisher scores: set scorer=sensitivity")
         matrices, vectors = scored_candidates(model, scores, self.targets)
         vectors = vectors if self.vectors else []
         keys = list(matrices) + vectors

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.errors import ConfigError
 from peftbench.layers.sparse import SparseDeltaConv2d, SparseDeltaLinear
 from peftbench.methods.base import Method, State, freeze
 from peftbench.scorers.base import matrix_key, patch_key
@@ -80,7 +81,7 @@ class GPS(Method):
         self, k: int = 1, targets: Sequence[str] = anatomy.TARGETS, patch_embed: bool = True, biases: bool = True
     ) -> None:
         if int(k) < 1:
-            raise ValueError(f"GPS k must be >= 1, got {k}")
+            raise ConfigError(f"GPS k must be >= 1, got {k}")
         self.k, self.targets = int(k), tuple(targets)
         self.patch_embed, self.biases = bool(patch_embed), bool(biases)
 
@@ -90,7 +91,7 @@ class GPS(Method):
 
     def select(self, model: nn.Module, scores: dict[str, torch.Tensor] | None) -> State:
         if not scores:
-            raise ValueError("gps needs gradient scores: set scorer=contrastive or scorer=sensitivity")
+            raise ConfigError("gps needs gradient scores: set scorer=contrastive or scorer=sensitivity")
         sparse: dict[str, list[torch.Tensor]] = {}
         for block, target in anatomy.iter_linear_targets(model, self.targets):
             key = matrix_key(block, target)
@@ -107,7 +108,7 @@ class GPS(Method):
         patch = None
         if self.patch_embed and (key := patch_key(model)) is not None:
             if key not in scores:
-                raise ValueError(
+                raise ConfigError(
                     f"gps: no score for the patch embedding ({key}); use scorer=contrastive (it scores it) "
                     "or set method.patch_embed=false"
                 )

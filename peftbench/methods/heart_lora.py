@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.errors import ConfigError
 from peftbench.layers.head_lora import HeadLoRALinear
 from peftbench.methods.base import Method, ParamMap, State, TrainingContext, freeze
 
@@ -82,7 +83,7 @@ def mean_grads(model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:
     finally:
         model.train(was_training)
     if n == 0:
-        raise ValueError("Heart-LoRA: no scoring batches")
+        raise ConfigError("Heart-LoRA: no scoring batches")
     return {name: s / n for name, s in zip(layers, sums, strict=True)}
 
 
@@ -91,7 +92,7 @@ def head_scores(
 ) -> dict[str, torch.Tensor]:
     """Responsiveness of each head of each head layer: {layer path: (H,) float64}; low = deactivate first."""
     if score not in SCORES:
-        raise ValueError(f"unknown Heart-LoRA score {score!r}; choose one of {SCORES}")
+        raise ConfigError(f"unknown Heart-LoRA score {score!r}; choose one of {SCORES}")
     layers = head_layers(model)
     grads = mean_grads(model, batches) if score in ("taylor", "grad_norm") else {}
     gen = torch.Generator().manual_seed(seed)
@@ -129,7 +130,7 @@ def choose(scores: dict[str, torch.Tensor], ne: dict[str, int], granularity: str
             ``layer`` (per layer) or ``pooled`` (sum of ne over all (layer, head) pairs of a head-count group).
     """
     if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
+        raise ConfigError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
     if granularity == "layer":
         return {name: lowest(s, ne[name]) for name, s in scores.items()}
     groups: dict[int, list[str]] = {}
@@ -181,13 +182,13 @@ class HeartLoRA(Method):
     ) -> None:
         self.rank, self.targets, self.scale, self.dropout = int(rank), tuple(targets), float(scale), float(dropout)
         if not self.targets or not set(self.targets) <= {"q", "k", "v"}:
-            raise ValueError(f"Heart-LoRA targets must be a non-empty subset of q, k, v; got {self.targets}")
+            raise ConfigError(f"Heart-LoRA targets must be a non-empty subset of q, k, v; got {self.targets}")
         if score not in SCORES:
-            raise ValueError(f"unknown Heart-LoRA score {score!r}; choose one of {SCORES}")
+            raise ConfigError(f"unknown Heart-LoRA score {score!r}; choose one of {SCORES}")
         if granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
+            raise ConfigError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
         if warmup_epochs < 0:
-            raise ValueError("warmup_epochs must be >= 0")
+            raise ConfigError("warmup_epochs must be >= 0")
         self.ne, self.ratio, self.score, self.granularity = int(ne), ratio, score, granularity
         self.warmup_epochs, self.seed = int(warmup_epochs), int(seed)
 
@@ -200,12 +201,12 @@ class HeartLoRA(Method):
         blocks = [b for b in anatomy.blocks(model) if b.attn is not None]
         counts = {b.num_heads for b in blocks}
         if self.ratio is None and len(counts) > 1:
-            raise ValueError(f"blocks have different head counts {sorted(counts)}: set method.ratio (appendix B)")
+            raise ConfigError(f"blocks have different head counts {sorted(counts)}: set method.ratio (appendix B)")
         out = {}
         for b in blocks:
             k = math.floor(float(self.ratio) * b.num_heads + 0.5) if self.ratio is not None else self.ne
             if not 0 <= k < b.num_heads:
-                raise ValueError(f"Heart-LoRA deactivates {k} of {b.num_heads} heads in {b.path}; need 0..H-1")
+                raise ConfigError(f"Heart-LoRA deactivates {k} of {b.num_heads} heads in {b.path}; need 0..H-1")
             out[b.linear_path("q")] = k
         return out
 
@@ -228,7 +229,7 @@ class HeartLoRA(Method):
     def choose_heads(self, model: nn.Module, state: State, batches: Callable[[], Iterable] | None) -> State:
         """Score the heads and choose the ones to deactivate; return the new state (the model is left as found)."""
         if self.score in ("taylor", "grad_norm") and batches is None:
-            raise ValueError(f"Heart-LoRA score={self.score} needs training batches (a datamodule)")
+            raise ConfigError(f"Heart-LoRA score={self.score} needs training batches (a datamodule)")
         scores = head_scores(model, self.score, batches() if batches is not None else None, self.seed)
         deactivated = choose(scores, state["ne"], self.granularity)
         return {**state, "scores": scores, "deactivated": deactivated, "selected": True}

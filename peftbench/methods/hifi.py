@@ -58,11 +58,11 @@ class HiFi(Method):
 
     def __init__(self, k: int = 3, strategy: str = "layer_wise", ratio: float | None = None) -> None:
         if strategy not in STRATEGIES:
-            raise ValueError(f"unknown hifi strategy {strategy!r}; choose from {list(STRATEGIES)}")
+            raise ConfigError(f"unknown hifi strategy {strategy!r}; choose from {list(STRATEGIES)}")
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise ConfigError(f"k must be >= 1, got {k}")
         if ratio is not None and not 0 < ratio <= 1:
-            raise ValueError(f"hifi ratio must lie in (0, 1], got {ratio}")
+            raise ConfigError(f"hifi ratio must lie in (0, 1], got {ratio}")
         self.k, self.strategy, self.ratio = int(k), strategy, ratio
 
     def heads_for(self, num_heads: int) -> int:
@@ -79,7 +79,7 @@ class HiFi(Method):
 
     def select(self, model: nn.Module, scores: dict[str, torch.Tensor] | None) -> State:
         if not scores:
-            raise ValueError("hifi needs head scores: set scorer=hifi")
+            raise ConfigError("hifi needs head scores: set scorer=hifi")
         views = [b for b in anatomy.blocks(model) if b.attn is not None]
         first = len(views) // 2 if self.strategy == "mid_top" else 0
         heads: dict[str, list[int]] = {}
@@ -93,7 +93,7 @@ class HiFi(Method):
                 continue
             key = head_key(b, "pagerank")
             if key not in scores:
-                raise ValueError(f"hifi: no score {key!r}; was the model scored with scorer=hifi?")
+                raise ConfigError(f"hifi: no score {key!r}; was the model scored with scorer=hifi?")
             heads[b.path] = top_heads(scores[key], self.heads_for(b.num_heads))
             n_params += 3 * len(heads[b.path]) * b.head_dim * b.dim
         return {"strategy": self.strategy, "k": self.k, "ratio": self.ratio, "heads": heads,

@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.errors import ConfigError
 from peftbench.methods.base import Method, State, freeze
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -36,9 +37,9 @@ class MLPHead(Method):
 
     def __init__(self, k: int = 3, activation: str = "relu", batchnorm: bool = True, dropout: float = 0.1) -> None:
         if int(k) < 1:
-            raise ValueError(f"mlp_head: k must be >= 1, got {k}")
+            raise ConfigError(f"mlp_head: k must be >= 1, got {k}")
         if activation not in ACTIVATIONS:
-            raise ValueError(f"mlp_head: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+            raise ConfigError(f"mlp_head: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
         self.k, self.activation = int(k), activation
         self.batchnorm, self.dropout = bool(batchnorm), float(dropout)
 
@@ -46,7 +47,7 @@ class MLPHead(Method):
         freeze(model)
         classifier = anatomy.head(model)
         if not isinstance(classifier, nn.Linear):
-            raise ValueError(f"mlp_head: expected a linear classifier head, found {type(classifier).__name__}")
+            raise ConfigError(f"mlp_head: expected a linear classifier head, found {type(classifier).__name__}")
         width = classifier.in_features  # C
         dev, dtype = classifier.weight.device, classifier.weight.dtype
         hidden: list[nn.Module] = []

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.errors import ConfigError
 from peftbench.methods.base import Method, State, freeze
 
 
@@ -34,7 +35,7 @@ class Partial(Method):
     def select(self, model: nn.Module, scores: Any) -> State:
         depth = len(anatomy.blocks(model))
         if not 1 <= self.k <= depth:
-            raise ValueError(f"partial: k must be between 1 and the depth {depth}, got {self.k} (k=0 is method=linear)")
+            raise ConfigError(f"partial: k must be in [1, {depth}] (the depth), got {self.k} (k=0 is method=linear)")
         return {"blocks": list(range(depth - self.k, depth))}
 
     def apply(self, model: nn.Module, state: State) -> None:

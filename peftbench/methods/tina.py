@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.errors import ConfigError
 from peftbench.layers.adapter import Bottleneck, SequentialAdapter
 from peftbench.methods.adapter import PLACEMENTS, Adapter
 from peftbench.methods.base import ParamMap, State, TrainingContext, freeze
@@ -109,7 +110,7 @@ def neuron_scores(bottleneck: Bottleneck, score: str) -> torch.Tensor:
         return i0 / (down.shape[1] + up.shape[0])
     if score == "tina_eq2":  # Eq. 2 as printed: over n_i + m_i
         return i0 / (bottleneck.n_in + bottleneck.n)
-    raise ValueError(f"unknown TINA score {score!r}; choose from {SCORES} (activation needs data)")
+    raise ConfigError(f"unknown TINA score {score!r}; choose from {SCORES} (activation needs data)")
 
 
 @torch.no_grad()
@@ -247,21 +248,21 @@ class Tina(Adapter):
     ) -> None:
         super().__init__(n=n0 or 1, sigma=None if n0 else sigma0, placement="both", act=act, dropout=dropout)
         if not 0 < rho < 1:
-            raise ValueError(f"TINA rho must be in (0, 1), got {rho}")
+            raise ConfigError(f"TINA rho must be in (0, 1), got {rho}")
         for value, allowed, what in (
             (score, SCORES, "score"),
             (selection, SELECTIONS, "selection"),
             (schedule, SCHEDULES, "schedule"),
         ):
             if value not in allowed:
-                raise ValueError(f"unknown TINA {what} {value!r}; choose from {allowed}")
+                raise ConfigError(f"unknown TINA {what} {value!r}; choose from {allowed}")
         self.sigma0, self.n0, self.sigma_target, self.rho = float(sigma0), n0, float(sigma_target), float(rho)
         self.score, self.selection, self.schedule, self.normalize = score, selection, schedule, bool(normalize)
         for value, what in ((epochs_per_cycle, "epochs_per_cycle"), (fit_cycles, "fit_cycles")):
             if value is not None and int(value) < 1:
-                raise ValueError(f"TINA {what} must be >= 1 (or null), got {value}")
+                raise ConfigError(f"TINA {what} must be >= 1 (or null), got {value}")
         if cycle_warmup is not None and not 0 <= cycle_warmup < 1:
-            raise ValueError(f"TINA cycle_warmup must be in [0, 1) (or null), got {cycle_warmup}")
+            raise ConfigError(f"TINA cycle_warmup must be in [0, 1) (or null), got {cycle_warmup}")
         self.epochs_per_cycle = int(epochs_per_cycle) if epochs_per_cycle else None
         self.fit_cycles = int(fit_cycles) if fit_cycles else None
         self.lr_restart, self.cycle_test = bool(lr_restart), bool(cycle_test)
@@ -388,7 +389,7 @@ class Tina(Adapter):
         """Kept neuron indices per live adapter for one prune to ``target`` counts (``batches``: activation)."""
         if self.score == "activation":
             if batches is None:
-                raise ValueError("TINA score=activation needs data batches")
+                raise ConfigError("TINA score=activation needs data batches")
             scores = activation_scores(model, batches())
         else:
             scores = {k: neuron_scores(a.adapter, self.score) for k, a in adapters(model).items()}

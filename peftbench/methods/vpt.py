@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from peftbench.backbones import anatomy
-from peftbench.errors import check_range
+from peftbench.errors import ConfigError, check_range
 from peftbench.layers.base import TOKEN
 from peftbench.methods.base import Method, State, freeze
 
@@ -66,7 +66,7 @@ class Prompts(nn.Module):
     def _input(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
         """Split a block's call into (x, other positional args, keyword args); x is (B, tokens, C)."""
         if kwargs.get("attn_mask") is not None:
-            raise ValueError("vpt: attention masks are not supported (their size excludes the prompt tokens)")
+            raise ConfigError("vpt: attention masks are not supported (their size excludes the prompt tokens)")
         if args:
             return args[0], args[1:], kwargs
         return kwargs.pop("x"), (), kwargs
@@ -130,7 +130,7 @@ class VPT(Method):
 
     def __init__(self, tokens: int = 10, deep: bool = False, dropout: float = 0.1) -> None:
         if int(tokens) < 1:
-            raise ValueError(f"vpt: tokens must be >= 1, got {tokens}")
+            raise ConfigError(f"vpt: tokens must be >= 1, got {tokens}")
         check_range("method.dropout", dropout, 0.0, 1.0)
         self.tokens, self.deep, self.dropout = int(tokens), bool(deep), float(dropout)
 
@@ -140,9 +140,9 @@ class VPT(Method):
 
     def apply(self, model: nn.Module, state: State) -> None:
         if not anatomy.is_vit(model):
-            raise ValueError(f"{self.name}: VPT needs a plain ViT token sequence, got {type(model).__name__}")
+            raise ConfigError(f"{self.name}: VPT needs a plain ViT token sequence, got {type(model).__name__}")
         if hasattr(model, ATTR):
-            raise ValueError(f"{self.name}: the model already has prompts (model.{ATTR})")
+            raise ConfigError(f"{self.name}: the model already has prompts (model.{ATTR})")
         freeze(model)
         views = anatomy.blocks(model)
         dim = views[0].dim  # C

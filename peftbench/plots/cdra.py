@@ -30,7 +30,7 @@ from peftbench.plots.common import (
     save,
     split_matrix_key,
 )
-from peftbench.plots.sensitivity import method_targets, sensitive_masks
+from peftbench.plots.sensitivity import method_targets, selection_tau, sensitive_masks
 
 
 @dataclass
@@ -64,7 +64,7 @@ def compact_from_scores(record: dict[str, Any]) -> list[Compact]:
     """Every matrix with sensitive entries: the state's compact blocks, plus R x K of those left without one."""
     state = record["state"]
     saved = {c.key: c for c in compact_from_state(state)}
-    masks, _ = sensitive_masks(record["scores"], int(state["budget"]), method_targets(record.get("overrides")))
+    masks, _ = sensitive_masks(record["scores"], selection_tau(state), method_targets(record.get("overrides")))
     found = []
     for key, mask in masks.items():
         shape = (int(mask.shape[0]), int(mask.shape[1]))

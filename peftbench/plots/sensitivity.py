@@ -3,7 +3,8 @@
 Input: score files of ``python -m peftbench.score scorer=sensitivity method=spt_lora ... out=<file>`` (also
 ``spt_adapter`` / ``cdra_spt``: same selection). "Sensitive" = the method's global top-tau entries: the mask is
 recomputed from the file's ``scores`` exactly as :meth:`peftbench.methods.spt_lora.SPT.select` builds it (same
-candidate order, same tie rule, the state's ``budget``), then checked against the saved selection (total selected;
+candidate order, same tie rule, the state's ``tau``: the method's budget is trainable parameters, tau the number
+of sensitive entries it chose for it), then checked against the saved selection (total selected;
 for SPT, every unstructured matrix's entries equal the state's sparse indices) so the figure cannot silently drift
 from what the method tunes.
 
@@ -49,7 +50,7 @@ class Sensitive:
     blocks: list[str]
     counts: np.ndarray  # (B, T) int
     sizes: np.ndarray  # (B, T) int
-    selected: int  # all selected entries, vectors included (the budget tau)
+    selected: int  # all selected entries, vectors included (tau)
 
     def per_matrix(self) -> np.ndarray:
         """(B, T) share of each matrix's entries that are sensitive (nan where there is no matrix)."""
@@ -77,9 +78,9 @@ def method_targets(overrides: list[str]) -> set[str] | None:
 
 
 def sensitive_masks(
-    scores: dict[str, torch.Tensor], budget: int, targets: set[str] | None = None
+    scores: dict[str, torch.Tensor], tau: int, targets: set[str] | None = None
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """SPT's global top-``budget`` mask per candidate matrix, and the number selected in all (vectors included).
+    """SPT's global top-``tau`` mask per candidate matrix, and the number selected in all (vectors included).
 
     Candidates as :meth:`SPT.select`: the matrices (2-D scores of the method's ``targets``) in score order, then
     the 1-D scores (vectors) in score order; one :func:`top_mask` over their concatenation.
@@ -92,12 +93,17 @@ def sensitive_masks(
     if not matrices:
         return {}, 0
     flat = torch.cat([scores[k].detach().float().flatten().cpu() for k in keys])  # (N,)
-    mask = top_mask(flat, int(budget))
+    mask = top_mask(flat, int(tau))
     masks, start = {}, 0
     for k in keys:
         n = scores[k].numel()
         masks[k], start = mask[start : start + n].view(scores[k].shape), start + n
     return {k: masks[k] for k in matrices}, int(mask.sum())
+
+
+def selection_tau(state: dict[str, Any]) -> int:
+    """The number of sensitive entries a saved SPT selection chose (``tau``; older files: their ``budget`` was tau)."""
+    return int(state["tau"] if state.get("tau") is not None else state["budget"])
 
 
 def sparse_indices(masks: dict[str, torch.Tensor], skip: set[str]) -> dict[str, torch.Tensor]:
@@ -136,7 +142,7 @@ def sensitive_from_record(record: dict[str, Any], path: Path, check: bool = True
     if not isinstance(state, dict) or "budget" not in state:
         fail(path, "has no SPT selection (state); score with scorer=sensitivity method=spt_lora (or cdra_spt)")
     overrides = list(record.get("overrides") or [])
-    masks, selected = sensitive_masks(record["scores"], int(state["budget"]), method_targets(overrides))
+    masks, selected = sensitive_masks(record["scores"], selection_tau(state), method_targets(overrides))
     if not masks:
         fail(path, "has no matrix sensitivity scores; score with scorer=sensitivity")
     if check:

@@ -16,6 +16,7 @@ those whose ``group`` is NAME (see :func:`peftbench.plots.common.index_records`)
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from peftbench.plots.common import (
+    PREFIX,
     fail,
     index_records,
     metric,
@@ -38,6 +40,51 @@ CONF = Path(__file__).resolve().parent.parent.parent / "conf"
 ADAPTER_N = 8
 #: block width by timm model family, when the backbone config has no ``arch.embed_dim``
 WIDTHS = {"tiny": 192, "small": 384, "base": 768, "large": 1024, "huge": 1280}
+
+
+#: overrides that never make two runs different experiments (where they write, how they log, which seed / task)
+_SAME = ("seed", "dataset", "paths.", "logger", "group", "run_dir", "resume", "keep_checkpoint", "skip_done",
+         "hydra", "trainer.enable_progress_bar", "data.num_workers", "callbacks")
+
+
+def _differing(records: list[dict[str, Any]]) -> list[str]:
+    """The overrides some of ``records`` have and others lack (seed, task, paths and logging left out)."""
+    sets = [
+        {str(o).lstrip("+~") for o in r.get("overrides") or [] if not str(o).lstrip("+~").startswith(_SAME)}
+        for r in records
+    ]
+    return sorted(set.union(*sets) - set.intersection(*sets)) if sets else []
+
+
+def group_runs(
+    records: list[dict[str, Any]], label_of, key: str, index: Path | str = "index", mixed: str = "refuse"
+) -> dict[Any, list[dict[str, Any]]]:
+    """Records by ``label_of(record)`` (what a figure draws as one point or line), checking that the runs averaged
+    into one label differ only in their seed (``key="key_seedless"``) or seed and task (``"key_variant"``).
+
+    Runs that differ in anything else are never averaged silently: ``mixed="refuse"`` stops with one line naming
+    the differing overrides; ``"warn"`` prints that line as a warning and averages them anyway. Records written
+    before these keys existed fall back to their overrides (seed, task, paths and logging left out).
+    """
+    if mixed not in ("refuse", "warn"):
+        raise ValueError(f"mixed must be 'refuse' or 'warn', got {mixed!r}")
+    by: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by[label_of(r)].append(r)
+    for label, runs in by.items():
+        kinds = {r.get(key) or repr(sorted(_differing([r, {}]))) for r in runs}
+        if len(kinds) > 1:
+            diff = _differing(runs)
+            what = f"differ in {', '.join(diff)}" if diff else "have different configs (their run keys differ)"
+            message = (
+                f"the runs of {label!r} {what}: they are not one point; pick them with --group / --dataset, or "
+                "pass --mixed=warn to average them anyway"
+            )
+            if mixed == "refuse":
+                fail(index, message)
+            print(f"{PREFIX}: warning: {index}: {message.split('; pick')[0]} (averaged, as --mixed=warn asks)",
+                  file=sys.stderr)
+    return by
 
 
 def mean(values: Iterable[float]) -> float:
@@ -67,14 +114,17 @@ def ne_of(record: dict[str, Any]) -> int | None:
 
 
 def ne_curves(
-    records: list[dict[str, Any]], datasets: Iterable[str] | None = None, metric_name: str = "test_acc"
+    records: list[dict[str, Any]], datasets: Iterable[str] | None = None, metric_name: str = "test_acc",
+    index: Path | str = "index", mixed: str = "refuse",
 ) -> dict[str, list[tuple[int, float, int]]]:
     """{task: [(ne, mean accuracy, runs), ...] sorted by ne} over the ``heart_lora`` records."""
     points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in select(records, ["heart_lora"], datasets):
-        ne, acc = ne_of(r), metric(r, metric_name)
-        if ne is not None and acc is not None:
-            points[str(r.get("dataset"))][ne].append(acc)
+    usable = [r for r in select(records, ["heart_lora"], datasets)
+              if ne_of(r) is not None and metric(r, metric_name) is not None]
+    for (task, ne), runs in group_runs(
+        usable, lambda r: (str(r.get("dataset")), ne_of(r)), "key_seedless", index, mixed
+    ).items():
+        points[task][ne].extend(metric(r, metric_name) for r in runs)
     return {d: [(ne, mean(a), len(a)) for ne, a in sorted(by.items())] for d, by in sorted(points.items())}
 
 
@@ -104,6 +154,7 @@ class Point:
     acc: float  # mean over tasks of the per-task mean accuracy
     tasks: int
     runs: int
+    task_names: list[str] | None = None  # which tasks the mean is over
 
     @property
     def label(self) -> str:
@@ -126,22 +177,26 @@ def params_points(
     datasets: Iterable[str] | None = None,
     metric_name: str = "test_acc",
     x: str = "trainable_backbone",
+    index: Path | str = "index",
+    mixed: str = "refuse",
 ) -> list[Point]:
-    """One :class:`Point` per method variant: per task the mean over its runs, then the mean over tasks.
+    """One :class:`Point` per method variant: per task the mean over its runs (seeds), then the mean over tasks.
 
-    ``x``: ``trainable_backbone`` (parameters) or ``tuned_percent`` (of the pre-trained backbone).
+    ``x``: ``trainable_backbone`` (parameters) or ``tuned_percent`` (of the pre-trained backbone). A variant's runs
+    must differ only in seed and task (:func:`group_runs`, ``mixed``).
     """
-    by: dict[tuple[str, str], dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-    for r in select(records, None, datasets):
-        acc, size = metric(r, metric_name), (r.get("params") or {}).get(x)
-        if acc is not None and size is not None:
-            by[variant(r)][str(r.get("dataset"))].append((float(size), acc))
+    usable = [
+        r for r in select(records, None, datasets)
+        if metric(r, metric_name) is not None and (r.get("params") or {}).get(x) is not None
+    ]
     points = []
-    for (method, detail), tasks in by.items():
-        per_task = [(mean(s for s, _ in runs), mean(a for _, a in runs)) for runs in tasks.values()]
-        runs = sum(len(v) for v in tasks.values())
+    for (method, detail), runs in group_runs(usable, variant, "key_variant", index, mixed).items():
+        tasks: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for r in runs:
+            tasks[str(r.get("dataset"))].append((float(r["params"][x]), metric(r, metric_name)))
+        per_task = [(mean(s for s, _ in v), mean(a for _, a in v)) for v in tasks.values()]
         size, acc = mean(s for s, _ in per_task), mean(a for _, a in per_task)
-        points.append(Point(method, detail, size, acc, len(tasks), runs))
+        points.append(Point(method, detail, size, acc, len(tasks), len(runs), sorted(tasks)))
     return sorted(points, key=lambda p: (p.params, p.label))
 
 
@@ -166,7 +221,8 @@ def draw_params(points: list[Point], metric_name: str, x: str, out: Path) -> Pat
         ax.plot(xs, ys, "-", lw=0.8, ms=7, label=method, **style)
         for p, xv, yv in zip(own, xs, ys):
             note = ("0 params; " if p.params <= 0 else "") + (p.detail if len(own) > 1 else "")
-            note += f" [{p.tasks} task{'s' * (p.tasks != 1)}]" if p.tasks < most else ""
+            if p.tasks < most:  # a mean over fewer tasks than other points: say which
+                note += f" [only {', '.join(p.task_names or [])}]" if p.task_names else f" [{p.tasks} tasks]"
             if note.strip("; "):
                 ax.annotate(note.strip("; "), (xv, yv), textcoords="offset points", xytext=(5, 3), fontsize=6)
     ax.set_xscale("log")
@@ -234,17 +290,23 @@ def sigma_of(record: dict[str, Any]) -> float | None:
 
 
 def compression_points(
-    records: list[dict[str, Any]], datasets: Iterable[str] | None = None, metric_name: str = "test_acc"
+    records: list[dict[str, Any]], datasets: Iterable[str] | None = None, metric_name: str = "test_acc",
+    index: Path | str = "index", mixed: str = "refuse",
 ) -> dict[str, dict[str, list[tuple[float, float, float, int]]]]:
     """{task: {method: [(sigma, mean accuracy, mean trainable backbone params, runs), ...] by sigma}}."""
     by: dict[str, dict[str, dict[float, list[tuple[float, float]]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
-    for r in select(records, ["tina", "adapter"], datasets):
-        sigma, acc = sigma_of(r), metric(r, metric_name)
-        size = (r.get("params") or {}).get("trainable_backbone")
-        if sigma is not None and acc is not None:
-            by[str(r.get("dataset"))][str(r["method"])][round(sigma, 3)].append((acc, float(size or 0)))
+    usable = [r for r in select(records, ["tina", "adapter"], datasets)
+              if sigma_of(r) is not None and metric(r, metric_name) is not None]
+
+    def point(r: dict[str, Any]) -> tuple[str, str, float]:
+        return str(r.get("dataset")), str(r["method"]), round(sigma_of(r), 3)
+
+    for (task, method, sigma), runs in group_runs(usable, point, "key_seedless", index, mixed).items():
+        for r in runs:
+            size = (r.get("params") or {}).get("trainable_backbone")
+            by[task][method][sigma].append((metric(r, metric_name), float(size or 0)))
     return {
         task: {
             m: [(s, mean(a for a, _ in v), mean(p for _, p in v), len(v)) for s, v in sorted(pts.items())]
@@ -285,9 +347,10 @@ def ne(
     datasets: list[str] | None = None,
     group: str | None = None,
     metric_name: str = "test_acc",
+    mixed: str = "refuse",
 ) -> list[Path]:
     """Heart-LoRA Fig. 8 from ``index``."""
-    curves = ne_curves(index_records(index, group), datasets, metric_name)
+    curves = ne_curves(index_records(index, group), datasets, metric_name, index, mixed)
     if not curves:
         fail(index, f"no ok heart_lora runs with {metric_name}{where(datasets, group)}; run method=heart_lora first")
     return [draw_ne(curves, metric_name, out_dir(out, Path(index)))]
@@ -300,9 +363,10 @@ def params(
     group: str | None = None,
     metric_name: str = "test_acc",
     x: str = "trainable_backbone",
+    mixed: str = "refuse",
 ) -> list[Path]:
     """SPT Fig. 3a from ``index``."""
-    points = params_points(index_records(index, group), datasets, metric_name, x)
+    points = params_points(index_records(index, group), datasets, metric_name, x, index, mixed)
     if not points:
         fail(index, f"no ok runs with {metric_name} and params.{x}{where(datasets, group)}")
     return [draw_params(points, metric_name, x, out_dir(out, Path(index)))]
@@ -314,9 +378,10 @@ def compression(
     datasets: list[str] | None = None,
     group: str | None = None,
     metric_name: str = "test_acc",
+    mixed: str = "refuse",
 ) -> list[Path]:
     """TINA Fig. 3 from ``index``."""
-    points = compression_points(index_records(index, group), datasets, metric_name)
+    points = compression_points(index_records(index, group), datasets, metric_name, index, mixed)
     if not points:
         fail(index, f"no ok tina or adapter runs with {metric_name}{where(datasets, group)}")
     return [draw_compression(points, metric_name, out_dir(out, Path(index)))]

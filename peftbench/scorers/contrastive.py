@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from peftbench.backbones import anatomy
+from peftbench.errors import ConfigError
 from peftbench.scorers.base import Pristine
 from peftbench.scorers.sensitivity import MODEL_MODES, Sensitivity, matrix_scores
 from peftbench.scorers.views import two_views
@@ -56,7 +57,7 @@ def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     from peftbench.data.datamodule import NORMALIZE  # here, not at import: it pulls in Lightning
 
     if name not in NORMALIZE:
-        raise ValueError(f"contrastive scorer: normalize={name!r} is unknown; choose one of {sorted(NORMALIZE)}")
+        raise ConfigError(f"contrastive scorer: normalize={name!r} is unknown; choose one of {sorted(NORMALIZE)}")
     return NORMALIZE[name]
 
 
@@ -87,7 +88,7 @@ class Contrastive:
         seed: int = 0,
     ) -> None:
         if model_mode not in MODEL_MODES:
-            raise ValueError(f"unknown model_mode {model_mode!r}; choose from {list(MODEL_MODES)}")
+            raise ConfigError(f"unknown model_mode {model_mode!r}; choose from {list(MODEL_MODES)}")
         self.temperature, self.model_mode, self.seed = float(temperature), model_mode, int(seed)
         self.augment = bool(augment)
         self.mean, self.std = normalization(normalize) if self.augment else ((0.0,) * 3, (1.0,) * 3)

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.errors import ConfigError
 from peftbench.heads import capture_heads
 from peftbench.scorers.base import Pristine
 
@@ -78,7 +79,7 @@ def pagerank(
 ) -> tuple[torch.Tensor, int]:
     """Eq. 8-10 / Alg. 2 for one layer: info (H,), corr (H, H) -> (P* (H,) summing to 1, iterations run)."""
     if teleport not in TELEPORTS:
-        raise ValueError(f"unknown teleport {teleport!r}; choose from {list(TELEPORTS)}")
+        raise ConfigError(f"unknown teleport {teleport!r}; choose from {list(TELEPORTS)}")
     info, corr = info.double().flatten(), corr.double()
     h = info.numel()
     p0 = info / info.sum()  # Eq. 8, (H,)
@@ -109,9 +110,9 @@ class HiFi:
         self, xi: float = 0.9, d: float = 0.85, eps: float = 1e-6, max_iter: int = 100, teleport: str = "uniform"
     ) -> None:
         if teleport not in TELEPORTS:
-            raise ValueError(f"unknown teleport {teleport!r}; choose from {list(TELEPORTS)}")
+            raise ConfigError(f"unknown teleport {teleport!r}; choose from {list(TELEPORTS)}")
         if not 0 < xi <= 1:
-            raise ValueError(f"xi must lie in (0, 1], got {xi}")
+            raise ConfigError(f"xi must lie in (0, 1], got {xi}")
         self.xi, self.d, self.eps = float(xi), float(d), float(eps)
         self.max_iter, self.teleport = int(max_iter), teleport
 
@@ -137,7 +138,7 @@ class HiFi:
                         sums[i] = [info, corr]
                     sequences[i] = sequences.get(i, 0) + o.shape[0]
         if not sequences:
-            raise ValueError("hifi scorer got no samples: check the scoring block (scoring.n_samples)")
+            raise ConfigError("hifi scorer got no samples: check the scoring block (scoring.n_samples)")
         return {i: (s[0] / sequences[i], s[1] / sequences[i]) for i, s in sums.items() if i in views}
 
     def __call__(self, model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:

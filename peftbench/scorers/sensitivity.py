@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from peftbench.backbones import anatomy
+from peftbench.errors import ConfigError
 from peftbench.scorers.base import Pristine, matrix_key, patch_key
 
 MODES = ("per_sample", "per_batch")
@@ -73,9 +74,9 @@ class Sensitivity:
         seed: int = 0,
     ) -> None:
         if mode not in MODES:
-            raise ValueError(f"unknown sensitivity mode {mode!r}; choose from {list(MODES)}")
+            raise ConfigError(f"unknown sensitivity mode {mode!r}; choose from {list(MODES)}")
         if model_mode not in MODEL_MODES:
-            raise ValueError(f"unknown model_mode {model_mode!r}; choose from {list(MODEL_MODES)}")
+            raise ConfigError(f"unknown model_mode {model_mode!r}; choose from {list(MODEL_MODES)}")
         self.mode, self.model_mode, self.targets = mode, model_mode, tuple(targets)
         self.vectors, self.exclude = bool(vectors), tuple(exclude)
         self.chunk_size, self.seed = int(chunk_size), int(seed)

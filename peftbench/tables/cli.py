@@ -240,7 +240,8 @@ def run_row(plan, lay, seeds, selection, metric, index_file, group, out_root, ta
         if todo and not render_only:
             errors.update(
                 run_all(todo, by_values=by_values, group=group, out_root=out_root, table_dir=table_dir,
-                        launcher=opts["launcher"], hydra=opts["hydra"], label=what)
+                        launcher=opts["launcher"], hydra=opts["hydra"], label=what,
+                        tags=["table:{}".format(group.rsplit("-", 1)[0]), "scale:{}".format(group.rsplit("-", 1)[-1])])
             )
             latest = latest_by_key(index_file)
 

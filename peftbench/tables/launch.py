@@ -56,7 +56,8 @@ def sweeps(runs: list[Run], by_values: bool) -> list[tuple[list[str], list[Run]]
 
 
 def launch(
-    args: list[str], *, group: str, sweep_dir: Path, log_file: Path, launcher: str | None, hydra: list[str] = ()
+    args: list[str], *, group: str, sweep_dir: Path, log_file: Path, launcher: str | None, hydra: list[str] = (),
+    tags: list[str] = (),
 ) -> int:
     """Run one multirun; its output goes to ``log_file``. Returns the exit code."""
     cmd = [
@@ -67,6 +68,7 @@ def launch(
         *args,
         "skip_done=true",
         f"group={group}",
+        *([f"++logger.tags=[{','.join(tags)}]"] if tags else []),
         f"hydra.sweep.dir={sweep_dir}",
     ]
     if launcher:
@@ -96,6 +98,7 @@ def run_all(
     launcher: str | None,
     label: str,
     hydra: list[str] = (),
+    tags: list[str] = (),
 ) -> dict[str, str]:
     """Launch every sweep that covers ``runs``; return ``key -> error`` for runs of a sweep that exited non-zero."""
     errors: dict[str, str] = {}
@@ -112,6 +115,7 @@ def run_all(
             log_file=log_file,
             launcher=launcher,
             hydra=hydra,
+            tags=tags,
         )
         took = time.perf_counter() - start
         if rc != 0:
