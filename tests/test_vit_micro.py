@@ -18,6 +18,7 @@ from peftbench import pretrain
 from peftbench.backbones import anatomy, build_backbone, vit_micro
 from peftbench.backbones.checkpoint import load_checkpoint
 from peftbench.data.datamodule import NORMALIZE
+from peftbench.errors import WeightsError
 from peftbench.plots import sweeps
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -80,7 +81,6 @@ def test_default_backbone_built_exactly_as_before_registration():
 
 def test_missing_packaged_weights_name_the_fix(monkeypatch, tmp_path):
     from peftbench.backbones import build
-    from peftbench.errors import WeightsError
 
     cfg = timm.models.get_pretrained_cfg("vit_micro")  # a copy
     cfg.file = str(tmp_path / "absent.safetensors")
@@ -97,3 +97,5 @@ def test_custom_arch_is_built_by_timm_and_records_its_arguments():
     plain = VisionTransformer(**arch, num_classes=3)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
     assert arch.items() <= model._model_args.items()  # what an export writes as timm's model_args
+    with pytest.raises(WeightsError, match="custom arch has no pre-trained weights"):  # never vit_base's hub weights
+        build_backbone("custom", num_classes=3, arch=arch, pretrained=True)

@@ -62,6 +62,10 @@ def build_backbone(
     check_range("backbone.image_size", image_size, 1, integer=True)
     if timm_name is None and arch is None:
         raise WeightsError(f"backbone {name!r}: set either timm_name or arch in conf/backbone/{name}.yaml")
+    path = weights_file(timm_name, checkpoint, asset) if pretrained else None  # None: the hub (or random weights)
+    if pretrained and path is None and arch is not None:
+        raise WeightsError(f"backbone {name!r}: a custom arch has no pre-trained weights on the hub; pass "
+                           "backbone.checkpoint=<file> or backbone.pretrained=false")
     kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, **timm_kwargs)
     if arch is not None:
         timm_name, kwargs = CUSTOM_VIT, {**dict(arch), **kwargs}
@@ -70,14 +74,9 @@ def build_backbone(
             kwargs["img_size"] = image_size
         if "convnext" in timm_name:
             kwargs.pop("img_size", None)
-    path = None  # a local weight file: the user's checkpoint, a packaged asset or the timm config's own file
-    if pretrained:
-        if checkpoint is not None:
-            path = Path(os.path.expanduser(checkpoint))
-        elif asset is not None:
-            path = _asset_path(asset)
-        else:
-            path = _local_weights(timm_name)
+    if path is not None and checkpoint is None and not path.is_file():
+        raise WeightsError(f"packaged weights {path} are missing; run `make pretrain` to rebuild them, or use "
+                           "backbone.pretrained=false")
     use_hub = pretrained and path is None
     try:
         model = timm.create_model(timm_name, pretrained=use_hub, **kwargs)
@@ -96,25 +95,20 @@ def build_backbone(
     return model
 
 
-def _local_weights(timm_name: str) -> Path | None:
-    """The local weight file named by ``timm_name``'s pretrained config (``vit_micro``'s packaged asset), or None
-    when timm would download the weights. A named file that is missing raises :class:`WeightsError`."""
+def weights_file(timm_name: str | None, checkpoint: str | None = None, asset: str | None = None) -> Path | None:
+    """The local file pre-trained weights are read from (it may not exist): ``checkpoint``, a packaged ``asset``, or
+    the file the timm model's pretrained config names (``vit_micro``: the package's own weights); None when timm
+    would download them (or ``timm_name`` is None)."""
+    if checkpoint is not None:
+        return Path(os.path.expanduser(str(checkpoint)))
+    if asset is not None:
+        return Path(str(resources.files("peftbench") / "assets" / asset))
+    if timm_name is None:
+        return None
     try:
         cfg = get_pretrained_cfg(timm_name)
     except RuntimeError:  # an unknown tag: timm.create_model names it in its own error
         return None
     if cfg is None or not cfg.file or cfg.url or cfg.hf_hub_id:
         return None
-    path = Path(cfg.file)
-    if not path.is_file():
-        raise WeightsError(f"pre-trained weights {path} of {timm_name!r} are missing; run `make pretrain` to rebuild "
-                           "them, or use backbone.pretrained=false")
-    return path
-
-
-def _asset_path(asset: str) -> Path:
-    path = Path(str(resources.files("peftbench") / "assets" / asset))
-    if not path.exists():
-        raise WeightsError(f"packaged weights {path} are missing; run `make pretrain` to rebuild them")
-    return path
-
+    return Path(cfg.file)
