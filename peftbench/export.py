@@ -1,13 +1,20 @@
-"""Export a finished run: the task file (only what the task adds) and, where possible, a merged timm model.
+"""Export a finished run: the task file (only what the task adds) and standard artefacts that load without peftbench.
 
-``python -m peftbench.export <run_dir> [--check]``
+``python -m peftbench.export <run_dir> [--check] [--out DIR]``
 
 - ``<run_dir>/task.pt``: the trainable tensors (deltas, adapters, prompts, head), the method's selection and the
   resolved config; loadable back onto the pre-trained backbone with :func:`load_task` (``torch.load`` with
   ``weights_only=True``: no code runs). Training writes it; its size is recorded in results.json.
-- ``<run_dir>/merged.safetensors``: for reparameterisable methods, the plain timm state dict with every delta
-  folded in (load it into ``timm.create_model(<arch>, num_classes=...)``).
-- ``--check``: rebuild the model from the task file alone and re-evaluate the test split.
+- ``<out>/merged/``: for reparameterisable methods, the plain timm model with every delta folded in, in timm's
+  Hugging Face layout (``config.json`` + ``model.safetensors``): ``timm.create_model("local-dir:<out>/merged",
+  pretrained=True)`` (see :mod:`peftbench.hub`). It replaces the flat ``merged.safetensors`` of earlier versions.
+- ``<out>/peft/``: for LoRA-family methods, the adapter in HF peft's format (``adapter_config.json`` +
+  ``adapter_model.safetensors``) for ``peft.PeftModel.from_pretrained(<the timm backbone>, <out>/peft)``; methods
+  peft cannot represent are skipped, and the output says why.
+- ``--check``: rebuild the model from the task file alone and re-evaluate the test split; the artefacts are written
+  only when it matches results.json.
+
+``<out>`` is the run folder unless ``--out`` names another.
 """
 
 from __future__ import annotations
@@ -16,10 +23,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 from torch import nn
 
 from peftbench.compose import config_from_file
@@ -112,13 +119,14 @@ def read_task(path: Path) -> dict:
     return payload
 
 
-def export_merged(module, path: Path) -> Path:
-    """Write the merged plain-timm state dict of a reparameterisable method's model."""
+def export_merged(module, folder: Path, preprocessing: dict) -> Path:
+    """Write the merged plain timm model of a reparameterisable method in timm's Hugging Face layout (in place:
+    the module's wrappers are merged and removed)."""
+    from peftbench.hub import save_timm
+
     if not getattr(module.method, "reparameterisable", False):
         raise PeftbenchError(f"method {module.method.name!r} is not reparameterisable: only the task file exists")
-    plain = unwrap(module.model)
-    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(path))
-    return path
+    return save_timm(unwrap(module.model), folder, preprocessing)
 
 
 @torch.no_grad()
@@ -163,24 +171,26 @@ def reference_accuracy(run_dir: Path) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: ``python -m peftbench.export <run_dir> [--check] [--config-dir DIR] [key=value ...]``."""
+    """CLI entry point: ``python -m peftbench.export <run_dir> [--check] [--out DIR] [--config-dir DIR] [k=v ...]``."""
     parser = argparse.ArgumentParser(prog="python -m peftbench.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("overrides", nargs="*", help="plain key=value settings, e.g. paths.data_dir=/data")
     parser.add_argument(
         "--check", action="store_true",
-        help="re-evaluate the test split from the task file and compare with results.json; write the merged "
-        "model only when they agree",
+        help="re-evaluate the test split from the task file and compare with results.json; write merged/ and peft/ "
+        "only when they agree",
     )
     parser.add_argument("--config-dir", action="append", default=[], help="an extra config folder of your own")
+    parser.add_argument("--out", type=Path, default=None, help="folder for merged/ and peft/ (default: the run folder)")
     args = parser.parse_args(argv)
     task_file = args.run_dir / TASK_FILE
+    out_dir = args.out if args.out is not None else args.run_dir
     try:
         for ov in args.overrides:
             key = ov.split("=", 1)[0]
             if "=" not in ov or any(part.startswith("_") for part in key.lstrip("+").split(".")):
                 raise PeftbenchError(f"override {ov!r}: give plain key=value settings (no _target_ or other _keys_)")
-        module, datamodule, _ = load_task(task_file, args.overrides, args.config_dir)
+        module, datamodule, cfg = load_task(task_file, args.overrides, args.config_dir)
         out = {"task_file": str(task_file), "task_file_bytes": task_file.stat().st_size}
         if args.check:
             expected, tolerance = reference_accuracy(args.run_dir)
@@ -190,15 +200,39 @@ def main(argv: list[str] | None = None) -> int:
             if abs(got - expected) > max(tolerance, 0.5 / max(1, n)):
                 raise PeftbenchError(
                     f"--check failed: the task file gives test accuracy {got:.4f}, results.json says {expected:.4f} "
-                    f"(allowed difference {tolerance:g}); merged model not written"
+                    f"(allowed difference {tolerance:g}); nothing exported"
                 )
-        if getattr(module.method, "reparameterisable", False):
-            out["merged"] = str(export_merged(module, args.run_dir / "merged.safetensors"))
+        out.update(export_artefacts(module, cfg, datamodule.task, out_dir))
     except PeftbenchError as err:
         print(f"peftbench: error: {err}", file=sys.stderr)
         return 1
     print(json.dumps(out, indent=2))
     return 0
+
+
+def export_artefacts(module, cfg: DictConfig, task, out_dir: Path) -> dict[str, Any]:
+    """Write ``<out_dir>/peft`` (LoRA family) and ``<out_dir>/merged`` (reparameterisable methods) of a loaded run;
+    returns what was written and, for what was not, why (``peft_skipped`` / ``merged_skipped``)."""
+    from peftbench.hub import MERGED_DIR, PEFT_DIR, NotRepresentable, preprocessing, save_peft
+
+    out = {}
+    bb = cfg.backbone
+    # the timm model the adapter goes onto: only a timm name with timm's (or the package's) pre-trained weights
+    base = bb.get("timm_name") if bb.get("pretrained") and bb.get("checkpoint") is None else None
+    try:  # before merging: the adapter is read from the wrapped model
+        out["peft"] = str(save_peft(module.model, out_dir / PEFT_DIR, base_model=base))
+        args = getattr(module.model, "_model_args", {})  # what timm.create_model(base, pretrained=True, ...) needs
+        out["peft_base_args"] = {k: v for k, v in args.items() if not k.endswith("drop_path_rate")}
+        if base is None:
+            out["peft_note"] = ("the run's backbone weights are not a timm pre-trained model (backbone.checkpoint, "
+                                "pretrained=false or a custom arch): load the adapter onto those same weights")
+    except NotRepresentable as why:
+        out["peft_skipped"] = f"not in HF peft's format: {why}"
+    if getattr(module.method, "reparameterisable", False):
+        out["merged"] = str(export_merged(module, out_dir / MERGED_DIR, preprocessing(cfg, task)))
+    else:
+        out["merged_skipped"] = f"method {module.method.name!r} is not reparameterisable: the task file is the model"
+    return out
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, open_dict
 
 from peftbench.accounting import backbone_size, parameter_report
+from peftbench.backbones.build import weights_file
 from peftbench.compose import build_task, choices, compose_config, instantiate_group
 from peftbench.console import quiet_third_party
 from peftbench.data.datamodule import NORMALIZE, VisionDataModule
@@ -28,11 +28,13 @@ from peftbench.methods.base import prepare_model
 
 
 def _local_weights(cfg: DictConfig) -> str | None:
-    """The local weight file the backbone config names (asset or checkpoint), or None."""
-    checkpoint = cfg.backbone.get("checkpoint")
-    if checkpoint and Path(os.path.expanduser(str(checkpoint))).is_file():
-        return str(checkpoint)
-    return cfg.backbone.get("asset") or None
+    """The local weight file the backbone config names (``checkpoint``, or packaged weights such as vit_micro's) when
+    it is there, else None."""
+    bb = cfg.backbone
+    path = weights_file(bb.get("timm_name"), bb.get("checkpoint"), bb.get("asset"))
+    if path is None or not path.is_file():
+        return None
+    return str(bb.checkpoint) if bb.get("checkpoint") is not None else path.name
 
 
 def _synthetic_batches(n: int, batch_size: int, size: int, num_classes: int, normalize: str, seed: int):

@@ -29,19 +29,21 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from peftbench import fractals
+from peftbench.backbones import vit_micro
 from peftbench.errors import WeightsError
 
-#: The embedded backbone's architecture (timm ``VisionTransformer`` kwargs, without ``num_classes``).
-ARCH: dict[str, Any] = dict(img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=12, mlp_ratio=4.0)
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet statistics on [0, 1] RGB
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+NAME = vit_micro.NAME
+#: the registered timm model's pretrained config: input size and normalisation (ImageNet statistics on [0, 1] RGB)
+_CFG = timm.models.get_pretrained_cfg(NAME)
+IMAGE_SIZE = _CFG.input_size[-1]
+MEAN = torch.tensor(_CFG.mean).view(1, 3, 1, 1)
+STD = torch.tensor(_CFG.std).view(1, 3, 1, 1)
 ASSETS = Path(__file__).resolve().parent / "assets"
-NAME = "vit_micro"
 
 
 def build_vit_micro(num_classes: int = 0) -> VisionTransformer:
-    """The embedded backbone's architecture with random weights (``num_classes=0``: no head)."""
-    return VisionTransformer(**ARCH, num_classes=num_classes)
+    """The embedded backbone (timm's registered ``vit_micro``) with random weights (``num_classes=0``: no head)."""
+    return timm.create_model(NAME, pretrained=False, num_classes=num_classes)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -136,7 +138,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     print(f"held-out source accuracy {source_acc:.4f} after {step} steps ({time.time() - t0:.0f}s)")
     recipe = {
         "name": NAME,
-        "architecture": {"class": "timm.models.vision_transformer.VisionTransformer", **ARCH},
+        "architecture": {"class": "timm.models.vision_transformer.VisionTransformer", "timm_name": NAME,
+                         **vit_micro.ARGS},
         "normalization": {"mean": MEAN.flatten().tolist(), "std": STD.flatten().tolist()},
         "source": {
             "kind": "FractalDB-style IFS fractals (peftbench.fractals)",
@@ -144,7 +147,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "images_per_category_per_epoch": args.per_category,
             "fresh_instances_every_epoch": True,
             "heldout_images_per_category": args.heldout_per_category,
-            "image_size": ARCH["img_size"],
+            "image_size": IMAGE_SIZE,
             "maps_per_ifs": [2, fractals.MAX_MAPS],
         },
         "training": {
@@ -238,7 +241,7 @@ def linear_probe(model: torch.nn.Module, task_name: str, seed: int = 0) -> float
     from peftbench.data.embedded import EmbeddedTask
 
     task = EmbeddedTask(task_name, seed=seed)
-    split = {s: task.load_split(s, ARCH["img_size"]) for s in ("train800", "val200", "train800val200", "test")}
+    split = {s: task.load_split(s, IMAGE_SIZE) for s in ("train800", "val200", "train800val200", "test")}
     feats = {s: features(model, a.images) for s, a in split.items()}
     labels = {s: a.labels.numpy() for s, a in split.items()}
 

@@ -231,11 +231,11 @@ def test_mlp_head_forward_shape():
 #: gives near-constant cls features that bias-only methods wash out; the shipped pre-trained weights may be absent
 DIGITS = [o for o in TINY if not o.startswith("dataset=")] + [
     "dataset=embedded/digits",
-    "backbone.arch.depth=2",
-    "backbone.arch.embed_dim=48",
-    "backbone.arch.num_heads=4",
+    "++backbone.depth=2",
+    "++backbone.embed_dim=48",
+    "++backbone.num_heads=4",
     "backbone.drop_path_rate=0",
-    "++backbone.arch.weight_init=jax",
+    "++backbone.weight_init=jax",
     "trainer.max_epochs=2",
     "scheduler.warmup_epochs=0",
     "optimizer.lr=3e-3",

@@ -27,7 +27,8 @@ def test_a_scorer_method_without_weights_or_data_scores_random_weights_on_synthe
     tmp_path, capsys, no_network
 ):
     args = ["method=gps", "dataset=vtab/dtd", f"paths.data_dir={tmp_path}",
-            "backbone.pretrained=true", "backbone.asset=null", "scoring.n_samples=8", "scoring.batch_size=4"]
+            "backbone.pretrained=true", "backbone.timm_name=vit_tiny_patch16_224", "++backbone.patch_size=8",
+            "++backbone.depth=2", "scoring.n_samples=8", "scoring.batch_size=4"]  # a hub model: no local weights
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["weights"].startswith("random") and report["scoring_data"].startswith("synthetic: 8 random images")

@@ -24,7 +24,7 @@ from peftbench.plots.common import TYPES, split_matrix_key
 from tests.helpers import TINY
 
 PNG = b"\x89PNG\r\n\x1a\n"
-FAST = ["scoring.n_samples=8", "scoring.batch_size=8", "backbone.arch.depth=3"]  # 3 blocks: fast
+FAST = ["scoring.n_samples=8", "scoring.batch_size=8", "++backbone.depth=3"]  # 3 blocks: fast
 
 
 def is_png(path: Path) -> bool:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from timm.models.vision_transformer import VisionTransformer
 
 from peftbench import fractals, pretrain
 
@@ -68,7 +67,7 @@ def test_shipped_asset() -> None:
     meta = json.loads(meta_path.read_text())
     assert meta["sha256"] == pretrain.sha256(weights)
     assert weights.stat().st_size <= 10 * 2**20
-    model = VisionTransformer(**pretrain.ARCH, num_classes=10)
+    model = pretrain.build_vit_micro(10)
     state = {k: v.float() for k, v in load_file(str(weights)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert sorted(missing) == ["head.bias", "head.weight"] and not unexpected

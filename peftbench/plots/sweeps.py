@@ -242,7 +242,8 @@ def draw_params(points: list[Point], metric_name: str, x: str, out: Path) -> Pat
 
 # --- TINA vs adapters: accuracy vs compression ------------------------------------------------------------
 def backbone_width(name: str | None) -> int | None:
-    """Block width of a backbone config (``conf/backbone/<name>.yaml``: ``arch.embed_dim`` or the timm family)."""
+    """Block width of a backbone config (``conf/backbone/<name>.yaml``: ``arch.embed_dim``, the timm family, or the
+    timm model itself)."""
     if not name:
         return None
     from omegaconf import OmegaConf
@@ -255,7 +256,21 @@ def backbone_width(name: str | None) -> int | None:
     if width:
         return int(width)
     timm_name = str(cfg.get("timm_name") or "")
-    return next((w for family, w in WIDTHS.items() if f"_{family}_" in timm_name), None)
+    width = next((w for family, w in WIDTHS.items() if f"_{family}_" in timm_name), None)
+    return width if width is not None or not timm_name else _timm_width(timm_name)
+
+
+def _timm_width(timm_name: str) -> int | None:
+    """Width of timm model ``timm_name`` (e.g. ``vit_micro``), built without memory on the meta device."""
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(timm_name.split(".")[0], pretrained=False)
+    except Exception:  # noqa: BLE001 - not a timm name: the width is unknown
+        return None
+    return int(getattr(model, "embed_dim", model.num_features))
 
 
 def sigma_of(record: dict[str, Any]) -> float | None:
