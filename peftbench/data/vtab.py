@@ -176,7 +176,8 @@ class VTABTask(Task):
     """One VTAB-1k task stored as a folder of images and split files.
 
     Args:
-        name: task name (canonical or alias, e.g. ``cifar`` or ``cifar100``).
+        name: task name (a VTAB-1k name or alias, e.g. ``cifar`` or ``cifar100``; any other name is a task of one's
+            own in the same folder format, with its ``num_classes`` and ``group`` given).
         root: the task folder (``<data_dir>/vtab-1k/<name>``; a sibling spelled with an alias is accepted).
         num_classes: number of classes; labels outside ``[0, num_classes)`` raise DataError.
         group: ``natural`` / ``specialized`` / ``structured`` (defaults to the table's group).
@@ -195,8 +196,11 @@ class VTABTask(Task):
         num_workers: int | None = None,
         cache: bool = True,
     ) -> None:
-        canonical = canonical_vtab_name(name)
-        super().__init__(canonical, num_classes, group or VTAB_TASKS[canonical][1])
+        if VTAB_ALIASES.get(name, name) in VTAB_TASKS:
+            canonical = canonical_vtab_name(name)
+            super().__init__(canonical, num_classes, group or VTAB_TASKS[canonical][1])
+        else:  # a task of one's own in the same folder format (docs: add a dataset)
+            super().__init__(name, num_classes, group)
         self.root = Path(root)
         self.cache_dir, self.num_workers, self.cache = cache_dir, num_workers, cache
 
