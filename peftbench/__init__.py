@@ -20,7 +20,7 @@ def load(
     search_path: list[str] | None = None,
     merge: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
-    """``(model, preprocessing)`` of the run in ``run_dir``; see :func:`peftbench.hub.load`."""
-    from peftbench.hub import load as _load
+    """``(model, preprocessing)`` of the run in ``run_dir``; see :func:`peftbench.export.load`."""
+    from peftbench.export import load as _load
 
     return _load(run_dir, overrides, search_path, merge)

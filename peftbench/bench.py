@@ -46,8 +46,8 @@ from torch import nn
 
 from peftbench.accounting import backbone_size, parameter_report
 from peftbench.errors import PeftbenchError
-from peftbench.export import save_task
 from peftbench.methods.base import prepare_model, unwrap
+from peftbench.task_file import save_task
 from peftbench.weight_decay import parameter_groups
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")

@@ -21,38 +21,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from peftbench.compose import config_from_file
 from peftbench.errors import PeftbenchError
+from peftbench.hub import MERGED_DIR, PEFT_DIR, NotRepresentable, preprocessing, save_peft, save_timm
 from peftbench.methods.base import unwrap
-
-TASK_FILE = "task.pt"
-
-
-def task_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors of a prepared model (what a task adds to the shared backbone)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_task(model: nn.Module, method_state: dict, cfg: DictConfig, path: Path) -> int:
-    """Write the task file; return its size in bytes."""
-    payload = {
-        "params": task_tensors(model),
-        "method_state": method_state,
-        "config": OmegaConf.to_yaml(cfg, resolve=True),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path.stat().st_size
+from peftbench.results import RESULTS, read_results
+from peftbench.task_file import TASK_FILE, read_task
+from peftbench.train import build
 
 
 def load_task(path: Path, overrides: list[str] | None = None, search_path: list[str] | None = None):
@@ -64,8 +49,6 @@ def load_task(path: Path, overrides: list[str] | None = None, search_path: list[
     holds the task's weights. ``search_path``: the caller's own extra config folders (see
     :func:`peftbench.compose.config_from_file`). A damaged or foreign file raises one :class:`PeftbenchError` line.
     """
-    from peftbench.train import build
-
     path = Path(path)
     if not path.is_file():
         raise PeftbenchError(f"task file {path} does not exist; run training first (it writes {TASK_FILE})")
@@ -104,26 +87,38 @@ def load_task(path: Path, overrides: list[str] | None = None, search_path: list[
     return module, datamodule, cfg
 
 
-def read_task(path: Path) -> dict:
-    """The task file's payload ``{"params", "method_state", "config"}``, read without running code."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated, not a torch file, or a pickle that needs code
-        raise PeftbenchError(
-            f"task file {path} cannot be read ({type(err).__name__}); it is damaged, truncated or not a task file"
-        ) from None
-    if not isinstance(payload, dict) or not {"params", "method_state", "config"} <= set(payload):
-        raise PeftbenchError(f"task file {path} lacks params / method_state / config; it is not a peftbench task file")
-    if not isinstance(payload["params"], dict):
-        raise PeftbenchError(f"task file {path}: params is not a mapping of tensors; the file is damaged")
-    return payload
+# --- peftbench.load: the run's model, ready -------------------------------------------------------------------
+def load(
+    run_dir: str | Path,
+    overrides: list[str] | None = None,
+    search_path: list[str] | None = None,
+    merge: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The run's model and its preprocessing: ``model, pre = peftbench.load("outputs/runs/...")``.
+
+    The model is rebuilt from ``<run_dir>/task.pt`` on the pre-trained backbone (nothing in the file chooses code to
+    run), in eval mode on the CPU; for a reparameterisable method (and ``merge=True``) every delta is folded in and
+    the result is a plain timm model, otherwise the method's wrapped model. ``pre``: timm's data config of the run's
+    evaluation pipeline (feed it to ``timm.data.create_transform(**pre)``). ``overrides``: plain ``key=value``
+    settings (e.g. ``paths.data_dir=...``); ``search_path``: your own extra config folders. The caller's random
+    states (torch CPU, numpy, random) are left as they were, although rebuilding seeds them.
+    """
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):  # the rebuild seeds the run's RNGs: the caller's are left as they were
+        try:
+            module, datamodule, cfg = load_task(Path(run_dir) / TASK_FILE, overrides, search_path)
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+    model = module.model
+    if merge and getattr(module.method, "reparameterisable", False):
+        model = unwrap(model)
+    return model.eval(), preprocessing(cfg, datamodule.task)
 
 
 def export_merged(module, folder: Path, preprocessing: dict) -> Path:
     """Write the merged plain timm model of a reparameterisable method in timm's Hugging Face layout (in place:
     the module's wrappers are merged and removed)."""
-    from peftbench.hub import save_timm
-
     if not getattr(module.method, "reparameterisable", False):
         raise PeftbenchError(f"method {module.method.name!r} is not reparameterisable: only the task file exists")
     return save_timm(unwrap(module.model), folder, preprocessing)
@@ -150,8 +145,6 @@ CHECK_TOLERANCE = 0.005
 
 def reference_accuracy(run_dir: Path) -> tuple[float, float]:
     """(test accuracy of the run's final model from results.json, allowed difference) for ``export --check``."""
-    from peftbench.results import RESULTS, read_results
-
     try:
         record = read_results(run_dir)
     except (OSError, ValueError) as err:
@@ -213,8 +206,6 @@ def main(argv: list[str] | None = None) -> int:
 def export_artefacts(module, cfg: DictConfig, task, out_dir: Path) -> dict[str, Any]:
     """Write ``<out_dir>/peft`` (LoRA family) and ``<out_dir>/merged`` (reparameterisable methods) of a loaded run;
     returns what was written and, for what was not, why (``peft_skipped`` / ``merged_skipped``)."""
-    from peftbench.hub import MERGED_DIR, PEFT_DIR, NotRepresentable, preprocessing, save_peft
-
     out = {}
     bb = cfg.backbone
     # the timm model the adapter goes onto: only a timm name with timm's (or the package's) pre-trained weights

@@ -29,13 +29,11 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import random
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import save_file
@@ -111,38 +109,6 @@ def _crop_pct(size: int, resize: int) -> float:
 def preprocessing(cfg: DictConfig, task: Task) -> dict[str, Any]:
     """The run's evaluation preprocessing as timm's data config (from its dataset and ``data.normalize``)."""
     return data_config(eval_transform(task, int(cfg.data.image_size)), str(cfg.data.normalize))
-
-
-# --- peftbench.load --------------------------------------------------------------------------------------------
-def load(
-    run_dir: str | Path,
-    overrides: list[str] | None = None,
-    search_path: list[str] | None = None,
-    merge: bool = True,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The run's model and its preprocessing: ``model, pre = peftbench.load("outputs/runs/...")``.
-
-    The model is rebuilt from ``<run_dir>/task.pt`` on the pre-trained backbone (nothing in the file chooses code to
-    run), in eval mode on the CPU; for a reparameterisable method (and ``merge=True``) every delta is folded in and
-    the result is a plain timm model, otherwise the method's wrapped model. ``pre``: timm's data config of the run's
-    evaluation pipeline (feed it to ``timm.data.create_transform(**pre)``). ``overrides``: plain ``key=value``
-    settings (e.g. ``paths.data_dir=...``); ``search_path``: your own extra config folders. The caller's random
-    states (torch CPU, numpy, random) are left as they were, although rebuilding seeds them.
-    """
-    from peftbench.export import TASK_FILE, load_task
-    from peftbench.methods.base import unwrap
-
-    states = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):  # the rebuild seeds the run's RNGs: the caller's are left as they were
-        try:
-            module, datamodule, cfg = load_task(Path(run_dir) / TASK_FILE, overrides, search_path)
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-    model = module.model
-    if merge and getattr(module.method, "reparameterisable", False):
-        model = unwrap(model)
-    return model.eval(), preprocessing(cfg, datamodule.task)
 
 
 # --- timm's Hugging Face layout --------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from peftbench import fractals
-from peftbench.backbones import vit_micro
+from peftbench.backbones import anatomy, vit_micro
 from peftbench.errors import WeightsError
 
 NAME = vit_micro.NAME
@@ -84,8 +84,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     held_x, held_y = fractals.render_dataset(categories, args.heldout_per_category, seed=args.seed + 10**6)
     held_x, held_y = torch.from_numpy(held_x), torch.from_numpy(held_y)
     model = build_vit_micro(args.categories)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n)]
+    decays = {n: p.ndim > 1 and anatomy.embedding_part(n) != "position_embedding" for n, p in model.named_parameters()}
+    decay = [p for n, p in model.named_parameters() if decays[n]]
+    no_decay = [p for n, p in model.named_parameters() if not decays[n]]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
@@ -226,7 +227,7 @@ def features(model: torch.nn.Module, images: torch.Tensor, batch: int = 500) -> 
     """Frozen cls-token features after the final norm: uint8 (N, 3, H, W) -> float (N, embed_dim)."""
     model.eval()
     out = [
-        model.forward_head(model.forward_features(normalize(images[i : i + batch])), pre_logits=True)
+        anatomy.pre_logits(model, normalize(images[i : i + batch]))
         for i in range(0, len(images), batch)
     ]
     return torch.cat(out).numpy()

@@ -38,13 +38,13 @@ from peftbench.compose import (  # noqa: F401 - compose_config: tests import it 
 from peftbench.console import quiet_third_party, rank_zero, say
 from peftbench.data.datamodule import VisionDataModule
 from peftbench.errors import ConfigError, PeftbenchError, TrainingDiverged, user_error
-from peftbench.export import TASK_FILE, save_task
 from peftbench.guard import CHECKPOINT, Interrupted, claim, signals_ignored, signals_raise
 from peftbench.loggers import abort as abort_logging
 from peftbench.loggers import finish
 from peftbench.loggers import start as start_logging
 from peftbench.module import PEFTModule
 from peftbench.results import RESULTS, append_index, latest_by_key, write_json_atomic
+from peftbench.task_file import TASK_FILE, save_task
 
 
 def overrides() -> list[str]:

@@ -12,9 +12,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from peftbench.backbones import anatomy
 from peftbench.backbones.build import build_backbone
-from peftbench.layers.sparse import SparseDeltaConv2d, SparseDeltaLinear
+from peftbench.layers.sparse import SparseDeltaBiasLinear, SparseDeltaConv2d, SparseDeltaLinear, SparseParams
 from peftbench.methods.base import merge, prepare_model, unwrap
-from peftbench.methods.child_tuning import ChildTuningD, SparseDeltaBiasLinear, SparseParams
+from peftbench.methods.child_tuning import ChildTuningD
 from peftbench.methods.gps import GPS, row_topk
 from peftbench.scorers import contrastive as contrastive_module
 from peftbench.scorers.base import matrix_key, patch_key

@@ -261,7 +261,7 @@ def test_vit_b16_ne3_trains_and_stores_only_the_active_heads():
     12 heads the q and v B rows of those heads are gone: 147,456 (A) + 9/12 x 147,456 (B) = 258,048."""
     from peftbench.accounting import backbone_size, parameter_report
     from peftbench.backbones.build import build_backbone
-    from peftbench.export import task_tensors
+    from peftbench.task_file import task_tensors
 
     torch.manual_seed(0)
     model = build_backbone("vit_b16", num_classes=10, timm_name="vit_base_patch16_224", pretrained=False)

@@ -18,7 +18,8 @@ import yaml
 
 from peftbench.compose import config_from_file
 from peftbench.errors import PeftbenchError
-from peftbench.export import TASK_FILE, load_task, main
+from peftbench.export import load_task, main
+from peftbench.task_file import TASK_FILE
 from peftbench.train import compose_config, execute
 from tests.helpers import TEST_CONF, TINY
 

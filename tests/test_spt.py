@@ -19,7 +19,8 @@ from peftbench.layers.lora import LoRALinear
 from peftbench.layers.sparse import SparseDeltaLinear, SparseLoRALinear
 from peftbench.methods.base import merge, prepare_model, unwrap
 from peftbench.methods.spt_adapter import SPTAdapter
-from peftbench.methods.spt_lora import BUDGET_TOLERANCE, SPTLoRA, parse_budget, ranked_top, search_tau, top_mask
+from peftbench.methods.spt_lora import BUDGET_TOLERANCE, SPTLoRA, parse_budget, ranked_top, search_tau
+from peftbench.scorers.base import top_mask
 from peftbench.scorers.sensitivity import Sensitivity
 from peftbench.train import compose_config, execute
 from tests.helpers import SCORED_TINY, TINY

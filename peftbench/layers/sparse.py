@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from peftbench.errors import ConfigError
-from peftbench.layers.base import MATRIX, BaseLayerWrapper
+from peftbench.layers.base import MATRIX, VECTOR, BaseLayerWrapper
 from peftbench.layers.lora import LoRALinear
 
 
@@ -227,3 +228,96 @@ class SparseLoRALinear(_SparseDelta, LoRALinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nnz={self.nnz}"
+
+
+class SparseParams(BaseLayerWrapper):
+    """A frozen module plus trainable deltas on some entries of some of its parameters (vectors here).
+
+    Args:
+        base_layer: the wrapped module (e.g. a LayerNorm, or a linear for its bias).
+        indices: {parameter name in ``base_layer`` (may be dotted): (nnz,) unique flat indices}.
+    """
+
+    def __init__(self, base_layer: nn.Module, indices: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.names = sorted(indices)
+        params = dict(base_layer.named_parameters())
+        self.deltas = nn.ParameterList()  # [(nnz_i,)] in self.names order
+        for i, name in enumerate(self.names):
+            p = params[name]
+            idx = torch.as_tensor(indices[name], dtype=torch.long).flatten().unique().to(p.device)  # sorted
+            if idx.numel() and int(idx.max()) >= p.numel():
+                raise ConfigError(f"indices of {name!r} exceed its {p.numel()} entries")
+            self.register_buffer(f"indices_{i}", idx)  # (nnz_i,)
+            self.deltas.append(nn.Parameter(torch.zeros(idx.numel(), device=p.device, dtype=p.dtype)))
+        # entries of a weight matrix decay like it; entries of a vector (norm, bias) do not
+        self.param_roles = {f"deltas.{i}": MATRIX if params[n].ndim >= 2 else VECTOR for i, n in enumerate(self.names)}
+        self.merged = False
+
+    def _targets(self) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        params = dict(self.base_layer.named_parameters())
+        pairs = enumerate(zip(self.names, self.deltas))
+        return [(n, params[n], getattr(self, f"indices_{i}"), d) for i, (n, d) in pairs]
+
+    def forward(self, *args, **kwargs):
+        if self.merged:
+            return self.base_layer(*args, **kwargs)
+        new = {n: p.flatten().index_add(0, idx, d.to(p.dtype)).view_as(p) for n, p, idx, d in self._targets()}
+        return functional_call(self.base_layer, new, args, kwargs)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            for _, p, idx, d in self._targets():
+                p.view(-1).index_add_(0, idx, d.to(p.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            for _, p, idx, d in self._targets():
+                p.view(-1).index_add_(0, idx, -d.to(p.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: nnz={d.numel()}" for n, d in zip(self.names, self.deltas))
+
+
+class SparseDeltaBiasLinear(SparseDeltaLinear):
+    """:class:`SparseDeltaLinear` plus sparse entries of its bias: b = b0 + scatter(bias_delta).
+
+    Args:
+        base_layer, indices: as :class:`SparseDeltaLinear` (weight entries).
+        bias_indices: (nnz_b,) unique indices into the bias (None = the bias stays frozen).
+    """
+
+    param_roles = {**SparseDeltaLinear.param_roles, "bias_delta": VECTOR}
+
+    def __init__(self, base_layer: nn.Linear, indices: torch.Tensor, bias_indices: torch.Tensor | None = None) -> None:
+        super().__init__(base_layer, indices)
+        b = base_layer.bias  # (out,) or None
+        idx = torch.zeros(0, dtype=torch.long) if bias_indices is None or b is None else bias_indices
+        idx = torch.as_tensor(idx, dtype=torch.long).flatten().unique()  # sorted
+        self.register_buffer("bias_indices", idx.to(base_layer.weight.device))  # (nnz_b,)
+        w = base_layer.weight
+        self.bias_delta = nn.Parameter(torch.zeros(idx.numel(), device=w.device, dtype=w.dtype))  # (nnz_b,)
+        self.bias_delta.requires_grad_(idx.numel() > 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.bias_indices.numel():
+            return super().forward(x)
+        b = self.base_layer.bias.index_add(0, self.bias_indices, self.bias_delta.to(self.weight.dtype))  # (out,)
+        return F.linear(x, self.sparse_weight(), b)  # (..., in) -> (..., out)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged and self.bias_indices.numel():
+            self.base_layer.bias.index_add_(0, self.bias_indices, self.bias_delta.to(self.base_layer.bias.dtype))
+        super().merge()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged and self.bias_indices.numel():
+            self.base_layer.bias.index_add_(0, self.bias_indices, -self.bias_delta.to(self.base_layer.bias.dtype))
+        super().unmerge()

@@ -11,7 +11,7 @@ Allocation (paper Sec. 3.2, Eq. 4-5, with the authors' code where it is more pre
 4. A vector is tuned whole when >= 1/``beta`` of its entries are sensitive (beta = 5); below that its sensitive
    entries are tuned alone (authors' code). The fused qkv bias is judged as three vectors q, k, v (the authors'
    ViT has separate q, k, v linears). Vector entries are deltas on the owning module's parameter
-   (:class:`~peftbench.methods.child_tuning.SparseParams`).
+   (:class:`~peftbench.layers.sparse.SparseParams`).
 5. The class token is tuned whole and counted (authors' code: ``cls_token`` is trainable and its 768 parameters
    are in their count); ``cls_token=False`` leaves it frozen.
 
@@ -45,9 +45,9 @@ from peftbench.accounting import backbone_size
 from peftbench.backbones import anatomy
 from peftbench.errors import ConfigError
 from peftbench.layers.lora import LoRALinear
-from peftbench.layers.sparse import SparseDeltaLinear, SparseLoRALinear
+from peftbench.layers.sparse import SparseDeltaLinear, SparseLoRALinear, SparseParams
 from peftbench.methods.base import Method, State, freeze
-from peftbench.scorers.base import matrix_key, scored_candidates
+from peftbench.scorers.base import matrix_key, scored_candidates, top_mask
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
 #: a searched selection "meets" its budget when its trainable count is within this fraction of it
@@ -79,19 +79,6 @@ def parse_budget(budget: int | float | str, backbone: int | None = None) -> int:
             raise ConfigError(f"budget {budget!r} is a share of the backbone: give the backbone's parameter count")
         value = value / 100.0 * backbone
     return int(round(value))
-
-
-def top_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of exactly ``k`` largest entries of ``flat`` (N,); ties broken by position (deterministic)."""
-    k = min(k, flat.numel())
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k == 0:
-        return mask
-    threshold = torch.topk(flat, k, sorted=False).values.min()
-    mask = flat > threshold
-    ties = (flat == threshold).nonzero().flatten()[: k - int(mask.sum())]  # first ties in flat order
-    mask[ties] = True
-    return mask
 
 
 def ranked_top(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -477,8 +464,7 @@ class SPT(Method):
 
 def apply_vector_entries(model: nn.Module, entries: dict[nn.Parameter, torch.Tensor]) -> None:
     """Tune the given entries of 1-D parameters as deltas: wrap each owning module (found by the parameter's
-    identity, so after the linears are wrapped) with :class:`~peftbench.methods.child_tuning.SparseParams`."""
-    from peftbench.methods.child_tuning import SparseParams  # it imports this module (top_mask)
+    identity, so after the linears are wrapped) with :class:`~peftbench.layers.sparse.SparseParams`."""
 
     entries = {p: idx for p, idx in entries.items() if idx.numel()}
     if not entries:

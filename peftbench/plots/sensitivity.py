@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from peftbench.methods.spt_lora import top_mask
 from peftbench.plots.common import (
     TYPES,
     fail,
@@ -35,6 +34,7 @@ from peftbench.plots.common import (
     save,
     split_matrix_key,
 )
+from peftbench.scorers.base import top_mask
 
 _QKV = ("q", "k", "v")
 

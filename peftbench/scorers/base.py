@@ -111,3 +111,16 @@ def split_key(key: str) -> tuple[str, str | None]:
 def matrix_rows(block: anatomy.BlockView, target: str) -> torch.Tensor | None:
     """Rows of the holding weight that ``target`` owns (None = all rows)."""
     return block.rows(target)
+
+
+def top_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly ``k`` largest entries of ``flat`` (N,); ties broken by position (deterministic)."""
+    k = min(k, flat.numel())
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k == 0:
+        return mask
+    threshold = torch.topk(flat, k, sorted=False).values.min()
+    mask = flat > threshold
+    ties = (flat == threshold).nonzero().flatten()[: k - int(mask.sum())]  # first ties in flat order
+    mask[ties] = True
+    return mask
