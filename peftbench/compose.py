@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from peftbench.errors import PeftbenchError
+from peftbench.errors import ConfigError, PeftbenchError
 from peftbench.results import run_key
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -113,8 +115,6 @@ def instantiate_group(node: Any, group: str, **kwargs: Any) -> Any:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    from peftbench.errors import ConfigError
-
     try:
         return instantiate(node, **kwargs)  # safe: composed from conf/ (or checked by config_from_file)
     except InstantiationException as err:
@@ -131,6 +131,91 @@ def build_task(dataset_cfg: DictConfig):  # -> peftbench.data.base.Task
     spec = OmegaConf.to_container(dataset_cfg, resolve=True)
     spec.pop("recipe", None)
     return instantiate_group(spec, "dataset")
+
+
+def check_run_values(cfg: DictConfig) -> None:
+    """One line for run-level values out of their domain (the groups' constructors check their own)."""
+    checks = [
+        ("seed", isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), "an integer"),
+        ("label_smoothing", isinstance(cfg.label_smoothing, (int, float)) and 0 <= cfg.label_smoothing < 1,
+         "a number in [0, 1)"),
+        ("paper_eval_every", isinstance(cfg.paper_eval_every, int) and cfg.paper_eval_every >= 1, "an integer >= 1"),
+        ("scoring.n_samples", cfg.scoring.n_samples is None
+         or (isinstance(cfg.scoring.n_samples, int) and cfg.scoring.n_samples >= 0), "an integer >= 0 or null (all)"),
+        ("scoring.batch_size", isinstance(cfg.scoring.batch_size, int) and cfg.scoring.batch_size >= 1,
+         "an integer >= 1"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected {expected}")
+    image, built = cfg.data.get("image_size"), cfg.backbone.get("image_size")
+    if built is not None and image != built:
+        raise ConfigError(
+            f"data.image_size={image} but the backbone is built for {built}: set backbone.image_size instead "
+            "(data.image_size follows it)"
+        )
+
+
+def check_factories(optimizer: Any, scheduler: Any) -> None:
+    """Build the optimizer and schedule once on a dummy parameter: a bad lr / weight decay / warm-up is one
+    :class:`ConfigError` line now, not a traceback from inside ``trainer.fit``."""
+    try:
+        opt = optimizer(params=[{"params": [torch.nn.Parameter(torch.zeros(1))]}])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"optimizer: {err}") from None
+    if scheduler is not None:
+        try:
+            scheduler(opt, total_steps=10, steps_per_epoch=1)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"scheduler: {err}") from None
+
+
+@dataclass
+class Parts:
+    """What a run is built from, without Lightning: every entry point assembles a run through :func:`build_parts`."""
+
+    task: Any  # peftbench.data.base.Task
+    model: Any  # the timm backbone with its fresh head, before the method is applied
+    pretrained_backbone: int  # parameters of the backbone without its head
+    method: Any  # peftbench.methods.base.Method
+    scorer: Any  # a pure scorer, or None
+    optimizer: Any  # optimizer factory taking ``params``
+    scheduler: Any  # schedule factory, or None
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (what a run's model initialisation draws from)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_parts(cfg: DictConfig) -> Parts:
+    """Check ``cfg``'s run-level values, seed, and instantiate task, backbone, optimizer, schedule, method and
+    scorer (one line for any value out of its domain). ``cfg`` must come from ``conf/`` (composed, or checked by
+    :func:`config_from_file`)."""
+    from peftbench.accounting import backbone_size
+
+    check_run_values(cfg)
+    seed_all(int(cfg.seed))
+    task = build_task(cfg.dataset)
+    model = instantiate_group(cfg.backbone, "backbone", num_classes=task.num_classes)
+    optimizer = instantiate_group(cfg.optimizer, "optimizer")
+    scheduler = instantiate_group(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
+    check_factories(optimizer, scheduler)
+    return Parts(
+        task=task,
+        model=model,
+        pretrained_backbone=backbone_size(model),
+        method=instantiate_group(cfg.method, "method"),
+        scorer=instantiate_group(cfg.scorer, "scorer") if cfg.get("scorer") else None,
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
 
 
 # --- configs read back from files ----------------------------------------------------------------------------------
@@ -304,6 +389,4 @@ def _search_path_overrides(overrides: Sequence[str]) -> list[str]:
 
 
 def _type_error(key: str, got: Any, kind: type) -> PeftbenchError:
-    from peftbench.errors import ConfigError
-
     return ConfigError(f"{key}={got!r}: expected {_TYPE_NAMES[kind]} (see `python -m peftbench.train --cfg job`)")

@@ -18,9 +18,9 @@ import sys
 import torch
 from omegaconf import DictConfig, open_dict
 
-from peftbench.accounting import backbone_size, parameter_report
+from peftbench.accounting import parameter_report
 from peftbench.backbones.build import weights_file
-from peftbench.compose import build_task, choices, compose_config, instantiate_group
+from peftbench.compose import build_parts, choices, compose_config, instantiate_group
 from peftbench.console import quiet_third_party
 from peftbench.data.datamodule import NORMALIZE, VisionDataModule
 from peftbench.errors import DataError, user_error
@@ -49,17 +49,13 @@ def _synthetic_batches(n: int, batch_size: int, size: int, num_classes: int, nor
 
 def parameter_accounting(cfg: DictConfig) -> dict:
     """Build backbone + method from ``cfg``, apply the method, and return the accounting."""
-    torch.manual_seed(cfg.seed)  # the fresh head (and so a scorer's gradients) as in a training run
-    method = instantiate_group(cfg.method, "method")
-    scorer = instantiate_group(cfg.scorer, "scorer") if cfg.get("scorer") else None
-    needs_data = method.needs_scores or scorer is not None
+    needs_data = bool(cfg.get("scorer")) or instantiate_group(cfg.method, "method").needs_scores
     local = _local_weights(cfg)
     if not (needs_data and local):
         with open_dict(cfg):
             cfg.backbone.pretrained = False  # counts of data-free methods do not depend on weights; no download
-    task = build_task(cfg.dataset)
-    model = instantiate_group(cfg.backbone, "backbone", num_classes=task.num_classes)
-    pretrained = backbone_size(model)
+    parts = build_parts(cfg)  # seeded as a training run: the same fresh head, so the same scores
+    task, model, method, scorer = parts.task, parts.model, parts.method, parts.scorer
     batches, data = None, None
     if needs_data:
         n = 64 if cfg.scoring.n_samples is None else cfg.scoring.n_samples
@@ -88,7 +84,7 @@ def parameter_accounting(cfg: DictConfig) -> dict:
         "num_classes": task.num_classes,
         "weights": weights,
         **({"scoring_data": data} if data else {}),
-        **parameter_report(model, pretrained),
+        **parameter_report(model, parts.pretrained_backbone),
         "selection": method.describe(state),
     }
 

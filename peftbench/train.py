@@ -22,14 +22,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from peftbench.accounting import backbone_size, parameter_report
+from peftbench.accounting import parameter_report
 from peftbench.callbacks import EvalHistory, LastCheckpoint, MethodHooks
-from peftbench.compose import (  # noqa: F401 - compose_config: tests import it from here until they move
+from peftbench.compose import (
     CONFIG_DIR,
-    build_task,
+    build_parts,
+    check_run_values,
     check_value_types,
     choices,
-    compose_config,
     config_key,
     instantiate_group,
     point_keys,
@@ -52,67 +52,25 @@ def overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def check_run_values(cfg: DictConfig) -> None:
-    """One line for run-level values out of their domain (the groups' constructors check their own)."""
-    checks = [
-        ("seed", isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), "an integer"),
-        ("label_smoothing", isinstance(cfg.label_smoothing, (int, float)) and 0 <= cfg.label_smoothing < 1,
-         "a number in [0, 1)"),
-        ("paper_eval_every", isinstance(cfg.paper_eval_every, int) and cfg.paper_eval_every >= 1, "an integer >= 1"),
-        ("scoring.n_samples", cfg.scoring.n_samples is None
-         or (isinstance(cfg.scoring.n_samples, int) and cfg.scoring.n_samples >= 0), "an integer >= 0 or null (all)"),
-        ("scoring.batch_size", isinstance(cfg.scoring.batch_size, int) and cfg.scoring.batch_size >= 1,
-         "an integer >= 1"),
-    ]
-    for key, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected {expected}")
-    image, built = cfg.data.get("image_size"), cfg.backbone.get("image_size")
-    if built is not None and image != built:
-        raise ConfigError(
-            f"data.image_size={image} but the backbone is built for {built}: set backbone.image_size instead "
-            "(data.image_size follows it)"
-        )
-
-
-def check_factories(optimizer: Any, scheduler: Any) -> None:
-    """Build the optimizer and schedule once on a dummy parameter: a bad lr / weight decay / warm-up is one
-    :class:`ConfigError` line now, not a traceback from inside ``trainer.fit``."""
-    try:
-        opt = optimizer(params=[{"params": [torch.nn.Parameter(torch.zeros(1))]}])
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"optimizer: {err}") from None
-    if scheduler is not None:
-        try:
-            scheduler(opt, total_steps=10, steps_per_epoch=1)
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"scheduler: {err}") from None
-
-
 def build(cfg: DictConfig, method_state: dict | None = None):
-    """Instantiate task, data module, backbone, method, scorer and the Lightning module from ``cfg`` (seeded)."""
+    """Task, data module, and the Lightning module around :func:`peftbench.compose.build_parts` (seeded)."""
     check_run_values(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    task = build_task(cfg.dataset)
-    datamodule = VisionDataModule(task, protocol=cfg.protocol, seed=cfg.seed, **cfg.data)
-    model = instantiate_group(cfg.backbone, "backbone", num_classes=task.num_classes)
-    pretrained_backbone = backbone_size(model)
-    optimizer = instantiate_group(cfg.optimizer, "optimizer")
-    scheduler = instantiate_group(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
-    check_factories(optimizer, scheduler)
+    L.seed_everything(cfg.seed, workers=True)  # also for Lightning's workers; build_parts seeds the same way
+    parts = build_parts(cfg)
+    datamodule = VisionDataModule(parts.task, protocol=cfg.protocol, seed=cfg.seed, **cfg.data)
     module = PEFTModule(
-        model=model,
-        method=instantiate_group(cfg.method, "method"),
-        optimizer=optimizer,
-        scheduler=scheduler,
-        num_classes=task.num_classes,
-        scorer=instantiate_group(cfg.scorer, "scorer") if cfg.get("scorer") else None,
+        model=parts.model,
+        method=parts.method,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        num_classes=parts.task.num_classes,
+        scorer=parts.scorer,
         scoring=OmegaConf.to_container(cfg.scoring),
         method_state=method_state,
         label_smoothing=cfg.label_smoothing,
         seed=cfg.seed,
     )
-    return task, datamodule, module, pretrained_backbone
+    return parts.task, datamodule, module, parts.pretrained_backbone
 
 
 def _load_plain(path: Path, what: str = "", mmap: bool = False) -> Any:

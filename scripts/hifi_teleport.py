@@ -21,9 +21,10 @@ import sys
 import torch
 
 from peftbench.backbones import anatomy
+from peftbench.compose import compose_config
 from peftbench.methods.hifi import top_heads
 from peftbench.scorers.hifi import pagerank
-from peftbench.train import build, compose_config
+from peftbench.train import build
 
 
 def measure(overrides: list[str]) -> dict:

@@ -7,12 +7,13 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from peftbench.backbones import anatomy
+from peftbench.compose import compose_config
 from peftbench.layers.compact_lora import CompactLoRALinear
 from peftbench.methods.base import merge, prepare_model, unmerge
 from peftbench.methods.cdra_spt import CDRASPT, compact_index, dynamic_rank
 from peftbench.methods.spt_lora import SPTLoRA
 from peftbench.scorers.sensitivity import Sensitivity
-from peftbench.train import compose_config, execute
+from peftbench.train import execute
 from tests.helpers import SCORED_TINY, TINY
 
 C = 24

@@ -18,11 +18,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 import peftbench
 from peftbench.backbones import vit_micro
+from peftbench.compose import compose_config
 from peftbench.data.datamodule import NORMALIZE
 from peftbench.errors import PeftbenchError
 from peftbench.export import evaluate, load_task, main
 from peftbench.task_file import TASK_FILE
-from peftbench.train import compose_config, execute
+from peftbench.train import execute
 from tests.helpers import TEST_CONF, TINY
 
 #: the blobs task's evaluation decode (no transform of its own: square resize, bicubic) + imagenet normalisation

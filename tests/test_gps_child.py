@@ -12,6 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from peftbench.backbones import anatomy
 from peftbench.backbones.build import build_backbone
+from peftbench.compose import compose_config
 from peftbench.layers.sparse import SparseDeltaBiasLinear, SparseDeltaConv2d, SparseDeltaLinear, SparseParams
 from peftbench.methods.base import merge, prepare_model, unwrap
 from peftbench.methods.child_tuning import ChildTuningD
@@ -21,7 +22,7 @@ from peftbench.scorers.base import matrix_key, patch_key
 from peftbench.scorers.contrastive import Contrastive, supcon_loss
 from peftbench.scorers.sensitivity import Sensitivity, matrix_scores
 from peftbench.scorers.views import crop_box, two_views
-from peftbench.train import compose_config, execute
+from peftbench.train import execute
 from tests.helpers import SCORED_TINY, TINY
 
 C = 24

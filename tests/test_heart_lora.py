@@ -9,11 +9,12 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from peftbench.backbones import anatomy
+from peftbench.compose import compose_config
 from peftbench.layers.head_lora import HeadLoRALinear
 from peftbench.layers.lora import LoRALinear
 from peftbench.methods.base import merge, prepare_model, unmerge
 from peftbench.methods.heart_lora import HeartLoRA, choose, deactivate_heads, head_layers, head_scores
-from peftbench.train import compose_config, execute
+from peftbench.train import execute
 from tests.helpers import TINY
 
 C, H, DEPTH = 24, 4, 3

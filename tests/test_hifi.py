@@ -9,10 +9,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from peftbench.backbones import anatomy
+from peftbench.compose import compose_config
 from peftbench.methods.base import merge, prepare_model, unmerge
 from peftbench.methods.hifi import HiFi as HiFiMethod
 from peftbench.scorers.hifi import HiFi, head_correlation, head_key, information_richness, pagerank
-from peftbench.train import compose_config, execute
+from peftbench.train import execute
 from tests.helpers import TINY
 
 

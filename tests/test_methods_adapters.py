@@ -15,6 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 from peftbench.accounting import backbone_size, parameter_report
 from peftbench.backbones import anatomy
 from peftbench.backbones.build import build_backbone
+from peftbench.compose import compose_config
 from peftbench.layers.adapter import Bottleneck, ParallelAdapter, SequentialAdapter
 from peftbench.layers.binary_lora import GAUSS_1BIT, BinaryLoRALinear, binary_code, decode, pack_bits, unpack_bits
 from peftbench.layers.phm import PHMLinear
@@ -23,7 +24,7 @@ from peftbench.methods.adaptformer import AdaptFormer
 from peftbench.methods.base import merge, prepare_model, unmerge, unwrap
 from peftbench.methods.bi_lora import BiLoRA, load_packed, pack, packed_bytes
 from peftbench.methods.compacter import Compacter, PHMAdapter
-from peftbench.train import build, compose_config, execute
+from peftbench.train import build, execute
 from tests.helpers import TINY, full_state_overrides
 
 METHODS = {

@@ -17,13 +17,14 @@ from torch import nn
 from peftbench.accounting import backbone_size, parameter_report
 from peftbench.backbones import anatomy
 from peftbench.backbones.build import build_backbone
+from peftbench.compose import compose_config
 from peftbench.methods.base import Method, prepare_model
 from peftbench.methods.bias import BitFit
 from peftbench.methods.blocks import Blocks
 from peftbench.methods.mlp_head import MLPHead
 from peftbench.methods.partial import Partial
 from peftbench.methods.vpt import VPT, remove_prompts
-from peftbench.train import build, compose_config, execute
+from peftbench.train import build, execute
 from tests.helpers import TINY, full_state_overrides
 
 C, L, K = 768, 12, 100  # ViT-B/16 width, depth; classes of the test head

@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 
-from peftbench.compose import config_from_file
+from peftbench.compose import compose_config, config_from_file
 from peftbench.errors import PeftbenchError
 from peftbench.export import load_task, main
 from peftbench.task_file import TASK_FILE
-from peftbench.train import compose_config, execute
+from peftbench.train import execute
 from tests.helpers import TEST_CONF, TINY
 
 

@@ -14,6 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from peftbench.accounting import backbone_size, parameter_report
 from peftbench.backbones import anatomy
+from peftbench.compose import compose_config
 from peftbench.layers.adapter import ParallelAdapter, SliceAdapter
 from peftbench.layers.lora import LoRALinear
 from peftbench.layers.sparse import SparseDeltaLinear, SparseLoRALinear
@@ -22,7 +23,7 @@ from peftbench.methods.spt_adapter import SPTAdapter
 from peftbench.methods.spt_lora import BUDGET_TOLERANCE, SPTLoRA, parse_budget, ranked_top, search_tau
 from peftbench.scorers.base import top_mask
 from peftbench.scorers.sensitivity import Sensitivity
-from peftbench.train import compose_config, execute
+from peftbench.train import execute
 from tests.helpers import SCORED_TINY, TINY
 
 DUMMY_BATCH = (None, torch.zeros(1))  # the crafted scorers below read no data; prepare_model wants some

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from hydra.utils import instantiate
 
+from peftbench.compose import compose_config
 from peftbench.methods.spt_lora import parse_budget
 from peftbench.tables.spec import SCALES, list_specs, load_spec
-from peftbench.train import compose_config
 
 SPT_METHODS = ("method=spt_lora", "method=spt_adapter", "method=cdra_spt")
 #: the head's share (%) where a table has no LINEAR row of its own: SPT Table 1's LINEAR (VTAB, ViT-B/16), CDRA's Linear

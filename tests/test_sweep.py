@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from peftbench.compose import compose_config, config_key
 from peftbench.results import latest_by_key, read_index, run_key
-from peftbench.train import compose_config, config_key
 from tests.helpers import TINY
 from tests.test_cli import cli
 
@@ -59,14 +59,14 @@ def test_latest_by_key_never_replaces_ok_with_a_later_failure(tmp_path):
 def _compose_with_hydra(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from peftbench.train import CONFIG_DIR
+    from peftbench.compose import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=True)
 
 
 def _sweeps() -> list[str]:
-    from peftbench.train import CONFIG_DIR
+    from peftbench.compose import CONFIG_DIR
 
     return sorted(p.stem for p in (__import__("pathlib").Path(CONFIG_DIR) / "sweep").glob("*.yaml"))
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from peftbench.compose import compose_config, config_key
 from peftbench.results import read_index
 from peftbench.tables import cli
 from peftbench.tables.launch import sweeps
@@ -22,7 +23,6 @@ from peftbench.tables.spec import (
     load_spec,
     task_overrides,
 )
-from peftbench.train import compose_config, config_key
 from tests.test_cli import cli as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,6 +13,7 @@ import torch
 
 from peftbench.backbones.build import build_backbone
 from peftbench.callbacks import carry_optimizer_state
+from peftbench.compose import compose_config
 from peftbench.layers.adapter import SequentialAdapter
 from peftbench.methods.base import prepare_model
 from peftbench.methods.tina import (
@@ -25,7 +26,7 @@ from peftbench.methods.tina import (
     select_global,
     select_local,
 )
-from peftbench.train import build, compose_config, execute
+from peftbench.train import build, execute
 from tests.helpers import TINY, full_state_overrides
 
 ARCH = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0}

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from peftbench.compose import compose_config
 from peftbench.errors import PeftbenchError, TrainingDiverged
 from peftbench.results import read_index
-from peftbench.train import build, compose_config, execute
+from peftbench.train import build, execute
 from tests.helpers import TINY, full_state_overrides
 
 

@@ -10,11 +10,11 @@ from hydra.utils import instantiate
 from torch import nn
 
 from peftbench import bench, weight_decay
+from peftbench.compose import compose_config
 from peftbench.errors import PeftbenchError
 from peftbench.layers.base import BaseLayerWrapper
 from peftbench.methods.base import prepare_model
 from peftbench.module import PEFTModule
-from peftbench.train import compose_config
 
 METHODS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "method").glob("*.yaml"))
 #: parameter-name parts that are factors or sparse entries of a weight matrix (the reference, by name)

@@ -9,8 +9,9 @@ import torch
 from hydra.utils import instantiate
 
 from peftbench.backbones.build import build_backbone
+from peftbench.compose import compose_config
 from peftbench.methods.base import prepare_model
-from peftbench.train import compose_config, execute
+from peftbench.train import execute
 
 METHODS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "method").glob("*.yaml"))
 

@@ -115,7 +115,7 @@ PLUGIN_LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm")
 
 def check_launcher(name: str) -> str:
     """A Hydra launcher: ``conf/hydra/launcher/<name>.yaml`` or one of the installed plugins' own configs."""
-    from peftbench.train import CONFIG_DIR
+    from peftbench.compose import CONFIG_DIR
 
     ours = sorted(p.stem for p in (Path(CONFIG_DIR) / "hydra" / "launcher").glob("*.yaml"))
     if name not in ours and name not in PLUGIN_LAUNCHERS:

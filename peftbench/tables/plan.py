@@ -18,8 +18,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from peftbench.compose import CONFIG_DIR, compose_config, config_key
 from peftbench.tables.spec import SCALES, Layout, Row, Spec, SpecError, task_overrides
-from peftbench.train import CONFIG_DIR, compose_config, config_key
 
 
 def format_value(value: Any) -> str:
