@@ -206,6 +206,7 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
         "timings": {"scoring_s": module.scoring_seconds, "training_s": train_seconds, "evaluation_s": eval_seconds},
         "epochs": trainer.current_epoch,
         "device": str(trainer.strategy.root_device),
+        "data_resident": sorted(datamodule.on_device),
         "precision": str(trainer.precision),
         "global_zero": trainer.is_global_zero,
     }
