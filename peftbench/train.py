@@ -59,6 +59,8 @@ def check_run_values(cfg: DictConfig) -> None:
          or (isinstance(cfg.scoring.n_samples, int) and cfg.scoring.n_samples >= 0), "an integer >= 0 or null (all)"),
         ("scoring.batch_size", isinstance(cfg.scoring.batch_size, int) and cfg.scoring.batch_size >= 1,
          "an integer >= 1"),
+        ("checkpoint_every", _auto_or_positive(cfg.get("checkpoint_every", "auto")), "auto or an integer >= 1"),
+        ("compile", isinstance(cfg.get("compile", False), bool), "true or false"),
     ]
     for key, ok, expected in checks:
         if not ok:
@@ -69,6 +71,10 @@ def check_run_values(cfg: DictConfig) -> None:
             f"data.image_size={image} but the backbone is built for {built}: set backbone.image_size instead "
             "(data.image_size follows it)"
         )
+
+
+def _auto_or_positive(value: Any) -> bool:
+    return value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
 
 
 def check_factories(optimizer: Any, scheduler: Any) -> None:
@@ -107,6 +113,8 @@ def build(cfg: DictConfig, method_state: dict | None = None):
         method_state=method_state,
         label_smoothing=cfg.label_smoothing,
         seed=cfg.seed,
+        compile=cfg.get("compile", False),
+        compile_backend=cfg.get("compile_backend", "inductor"),
     )
     return task, datamodule, module, pretrained_backbone
 
@@ -123,11 +131,26 @@ def _load_plain(path: Path, what: str = "", mmap: bool = False) -> Any:
 
 
 def _trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     if cfg.protocol == "paper":
-        return {"check_val_every_n_epoch": int(cfg.paper_eval_every)}
-    if cfg.protocol == "final":
-        return {"limit_val_batches": 0}
-    return {}
+        out["check_val_every_n_epoch"] = int(cfg.paper_eval_every)
+    elif cfg.protocol == "final":
+        out["limit_val_batches"] = 0
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        gpu = spread_device(HydraConfig.get().job.num, cfg.trainer, torch.cuda.device_count())
+        if gpu is not None:
+            out["devices"] = [gpu]
+    return out
+
+
+def spread_device(job_num: int, trainer_cfg: Any, visible_gpus: int) -> int | None:
+    """The GPU that job ``job_num`` of a multirun uses when several are visible: ``job_num mod visible_gpus``, so
+    the runs of a parallel launcher (``hydra/launcher=gpu_shared``: N processes) spread over the GPUs. Only for
+    one-device trainers on a GPU accelerator (DDP trainers and the CPU keep their settings); None: no change."""
+    devices, accelerator = trainer_cfg.get("devices"), str(trainer_cfg.get("accelerator"))
+    if visible_gpus < 2 or devices != 1 or accelerator not in ("gpu", "cuda", "auto"):
+        return None
+    return job_num % visible_gpus
 
 
 def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any]:
@@ -151,7 +174,8 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
     task, datamodule, module, pretrained_backbone = build(cfg, method_state)
     history = EvalHistory()
     # MethodHooks first: the method's epoch-end records are in the state that LastCheckpoint's checkpoint re-saves
-    callbacks = [MethodHooks(run_dir / "method_state.pt"), LastCheckpoint(run_dir / "checkpoints"), history]
+    checkpoints = LastCheckpoint(run_dir / "checkpoints", cfg.get("checkpoint_every", "auto"))
+    callbacks = [MethodHooks(run_dir / "method_state.pt"), checkpoints, history]
     callbacks += [instantiate_group(c, "callbacks") for c in (cfg.get("callbacks") or {}).values()]
     logger = instantiate_group(cfg.logger, "logger", save_dir=run_dir, name=run_dir.name)
     trainer = instantiate_group(
@@ -193,6 +217,8 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
         checkpoint = run_dir / CHECKPOINT
         storage["checkpoint_bytes"] = checkpoint.stat().st_size if checkpoint.exists() else 0
         storage["checkpoint_kept"] = bool(cfg.get("keep_checkpoint", False))
+        storage["checkpoint_writes"] = checkpoints.writes
+        storage["checkpoint_bytes_written"] = checkpoints.bytes_written
     if trainer.is_global_zero:
         config = {**OmegaConf.to_container(cfg, resolve=True), "params": params, "protocol": cfg.protocol}
         finish(trainer.logger, {f"final/{k}": v for k, v in metrics.items()}, config)
