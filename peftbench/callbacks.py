@@ -1,7 +1,9 @@
-"""Lightning callbacks peftbench always installs: checkpoints, the method's training hooks, evaluation history."""
+"""Lightning callbacks peftbench always installs (checkpoints, the method's training hooks, evaluation history), and
+the bench's step timer."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -189,3 +191,36 @@ class EvalHistory(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = [tuple(h) for h in state_dict.get("history", [])]
+
+
+class StepTimer(L.Callback):
+    """Training steps per second, data fetching included (from each epoch's start to its last step's end), over
+    the epochs after the first ``skip_epochs``; written as JSON to ``path`` at the end of fit (``make bench``)."""
+
+    def __init__(self, path: str | Path, skip_epochs: int = 1) -> None:
+        self.path, self.skip = Path(path), skip_epochs
+        self.seconds, self.steps, self.epoch_start = 0.0, 0, 0.0
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sync(pl_module)
+        self.epoch_start, self.last_end = time.perf_counter(), None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch >= self.skip:
+            if batch_idx + 1 >= trainer.num_training_batches:
+                self._sync(pl_module)
+            self.steps += 1
+            self.last_end = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch >= self.skip and self.last_end is not None:  # validation (before this) not counted
+            self.seconds += self.last_end - self.epoch_start
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            rate = self.steps / self.seconds if self.seconds > 0 else None
+            self.path.write_text(json.dumps({"steps": self.steps, "seconds": self.seconds, "steps_per_s": rate}))
