@@ -387,7 +387,7 @@ def pipeline_jobs(cfg: DictConfig) -> list[dict]:
     if not spec:
         return []
     return [
-        {"kind": "pipeline", "variant": name, "overrides": [*spec.overrides, *extra],
+        {"kind": "pipeline", "variant": name, "common": list(spec.overrides), "overrides": [*spec.overrides, *extra],
          "threads": cfg.bench.get("threads"), "skip_epochs": int(spec.get("skip_epochs", 1))}
         for name, extra in spec.variants.items()
     ]
@@ -409,7 +409,7 @@ def run_job(job: dict, context: mp.context.BaseContext, timeout_s: float) -> dic
         text = Path(out_path).read_text()
         row = json.loads(text) if text else {"status": "failed", "error": f"process exited with {proc.exitcode}"}
     Path(out_path).unlink(missing_ok=True)
-    keys = ("variant", "overrides") if job.get("kind") == "pipeline" else (
+    keys = ("variant", "common", "overrides") if job.get("kind") == "pipeline" else (
         "backbone", "method", "dtype", "batch_size", "infer_batch")
     return {**{k: job[k] for k in keys}, **row, "job_s": time.perf_counter() - start}
 
@@ -583,7 +583,7 @@ def markdown(report: dict) -> str:
     if pipeline:
         loader = next((r for r in pipeline if r["status"] == "ok" and not r["data_resident"]), None)
         lines += [
-            f"**Training pipeline** (`python -m peftbench.train`'s path: `{' '.join(pipeline[0]['overrides'])}`; "
+            f"**Training pipeline** (`python -m peftbench.train`'s path: `{' '.join(pipeline[0]['common'])}`; "
             "steps/s with data fetching, first epoch left out; bytes written by the run's process)",
             "",
             "| variant | resident splits | steps/s | x loader | checkpoint writes | checkpoint MB written "

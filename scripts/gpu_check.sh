@@ -24,7 +24,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl hydra-core==1.3.2 omegaconf==2.3.0
+#     -d .whl hydra-core==1.3.8 omegaconf==2.3.1
 #   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3    # published as a source archive only
 # (wandb is not needed: the check logs nothing.) Then run, with .whl carried along:
 #   bash scripts/gpu_check.sh            # or: make gpu-check

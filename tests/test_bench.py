@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from peftbench.bench import check_targets, compose, jobs, markdown, moonshot, run_bench, wrappers
+from peftbench.bench import check_targets, compose, jobs, markdown, moonshot, pipeline_jobs, run_bench, wrappers
 from peftbench.methods.base import prepare_model, unwrap
 
 
@@ -24,8 +24,16 @@ def test_presets_compose(preset):
         assert {j["batch_size"] for j in todo} == {64}
         assert compose(["backbone=vit_b16_in21k"], config_name="train").backbone.image_size == 224
         assert cfg.bench.moonshot.tasks == 19 and len(cfg.bench.moonshot.test_images) == 19
+        assert pipeline_jobs(cfg) == []
     else:
         assert {j["backbone"] for j in todo} == {"vit_micro", "vit_b16_in21k (random weights)"}
+        pipeline = pipeline_jobs(cfg)  # the training-pipeline rows: loader, resident, checkpoints every epoch
+        assert [j["variant"].split(",")[0] for j in pipeline] == ["loader", "resident", "loader"]
+        from peftbench.train import compose_config
+
+        for job in pipeline:
+            run = compose_config(job["overrides"])
+            assert run.trainer.limit_train_batches == 4 and run.data.resident == ("resident" in job["variant"])
 
 
 def test_moonshot_arithmetic():
