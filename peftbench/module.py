@@ -71,7 +71,7 @@ class PEFTModule(L.LightningModule):
         self.scoring = dict(scoring or {"n_samples": 512, "batch_size": 32})
         self.method_state = method_state
         self.label_smoothing, self.seed = label_smoothing, seed
-        self.compile, self.compile_backend = bool(compile), compile_backend
+        self.compile_enabled, self.compile_backend = bool(compile), compile_backend  # not nn.Module.compile
         self.compiled_model: Callable[[torch.Tensor], torch.Tensor] | None = None  # set in configure_model
         self.diverged: dict[str, torch.Tensor] | None = None  # device-side record of the first non-finite loss
         self.prepared = False
@@ -93,7 +93,7 @@ class PEFTModule(L.LightningModule):
             self.model, self.method, self.scorer, self.scoring_batches(), self.method_state, broadcast
         )
         self.scoring_seconds = time.perf_counter() - start
-        if self.compile:  # kept out of the module tree: the state dict and checkpoints keep their keys
+        if self.compile_enabled:  # kept out of the module tree: the state dict and checkpoints keep their keys
             self.__dict__["compiled_model"] = torch.compile(self.model, backend=self.compile_backend)
         self.prepared = True
 
