@@ -17,10 +17,10 @@ images (no download), bf16 autocast, batch 64, it measures:
 
 One process measures the methods one after another (memory freed and the peak reset between them); the concurrent
 runs are fresh processes. Every part runs only while the budget (``GPU_CHECK_BUDGET_S``, default 420 s) lasts; the
-JSON (``$GPU_CHECK_OUT/gpu_check.json``, default ``outputs/gpu_check/``) is rewritten after every part, so a cut
-run keeps what it measured. Without CUDA, or with ``GPU_CHECK_SMOKE=1``, it runs the same code on vit_micro on the
-CPU in fp32 with tiny sizes (``compile`` with the eager backend) in about a minute: a check of the script, not of a
-machine.
+JSON and Markdown (``$GPU_CHECK_OUT/gpu_check.json``, ``.md``; default ``outputs/gpu_check/``) are rewritten after
+every part, so a cut run keeps what it measured. Without CUDA, or with ``GPU_CHECK_SMOKE=1``, it runs the same
+code on vit_micro on the CPU in fp32 with tiny sizes (``compile`` with the eager backend) in about a minute: a check
+of the script, not of a machine.
 
 Methods are measured in their first epoch: Heart-LoRA in its warm-up (LoRA on every head), TINA in its first
 (widest) cycle; the scorers' data (SPT, CDRA-SPT, HiFi) is cut to ``scoring_samples`` (scoring is timed by
@@ -356,6 +356,7 @@ def main() -> int:
     def save() -> None:
         report["wall_s"] = time.perf_counter() - start
         (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=float))
+        (out_dir / "gpu_check.md").write_text(markdown(report))
 
     def attempt(what: str, fn) -> dict:
         print(f"gpu_check: {what} ...", file=sys.stderr, flush=True)
@@ -390,8 +391,7 @@ def main() -> int:
     with contextlib.suppress(Exception):
         report["projection"] = projection(report)
     save()
-    text = markdown(report)
-    (out_dir / "gpu_check.md").write_text(text)
+    text = (out_dir / "gpu_check.md").read_text()
     print(text)
     print(f"gpu_check: wrote {out_dir}/gpu_check.json and gpu_check.md")
     return 0 if all(r["status"] == "ok" for r in report["methods"]) else 1

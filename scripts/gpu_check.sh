@@ -13,7 +13,7 @@
 #   GPU_CHECK_OUT=<dir>        where the JSON and Markdown go (default outputs/gpu_check)
 #   GPU_CHECK_SMOKE=1          vit_micro on the CPU, tiny sizes, about a minute (also what runs without CUDA)
 #   GPU_CHECK_BUDGET_S=420     the measuring budget; parts that would not fit are skipped and named
-#   GPU_CHECK_TIMEOUT_S=470    hard limit of the whole command (the JSON is rewritten after every part)
+#   GPU_CHECK_TIMEOUT_S=470    hard limit of the whole command (JSON and Markdown are rewritten after every part)
 #   PYTHON=python3             the interpreter
 #   GPU_CHECK_WHEELS=.whl      the folder of wheels to install when hydra is missing
 #
