@@ -11,7 +11,7 @@ ARGS ?=
 PYTEST_ARGS ?= -n 2
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow lint format pretrain clean bench tables
+.PHONY: help install train test test-slow lint format pretrain clean bench tables gpu-check
 
 help: ## list every target
 	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,12 +37,20 @@ test-slow: $(STAMP) ## run the slow tests as well
 
 scale ?= smoke
 bench ?= cpu
+# tables at scale=paper run `jobs` runs at once per GPU (conf/hydra/launcher/gpu_shared.yaml); scale=smoke one at a
+# time. Override with launcher=<name> (launcher= for none) and jobs=<n>.
+launcher ?= $(if $(filter paper,$(scale)),gpu_shared,)
+jobs ?= 4
+JOBLIB_LAUNCHERS := gpu_shared local_parallel joblib
 
 bench: $(STAMP) ## measure every method's cost side by side (bench=cpu|gpu); JSON + Markdown under outputs/bench
 	$(PY) -m peftbench.bench bench=$(bench) $(ARGS)
 
 table-%: $(STAMP) ## regenerate a paper table, e.g. make table-spt-1 scale=smoke|mini|paper (skips finished runs)
-	$(PY) -m peftbench.tables $* scale=$(scale) $(ARGS)
+	$(PY) -m peftbench.tables $* scale=$(scale) $(if $(launcher),launcher=$(launcher)) $(if $(filter $(JOBLIB_LAUNCHERS),$(launcher)),hydra.launcher.n_jobs=$(jobs)) $(ARGS)
+
+gpu-check: ## the prepared GPU check (<= 8 min on one H200; GPU_CHECK_SMOKE=1: vit_micro on the CPU in ~1 min)
+	PYTHON=$(if $(wildcard $(PY)),$(PY),python3) bash scripts/gpu_check.sh
 
 tables: $(STAMP) ## list the table specs
 	$(PY) -m peftbench.tables --list

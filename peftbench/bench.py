@@ -15,6 +15,11 @@ memory peaks do not mix) measures:
   methods, after :func:`~peftbench.methods.base.unwrap`), timed in interleaved rounds so noise hits all alike;
 - trainable parameters and the stored bytes of the task file.
 
+With ``bench.pipeline`` it also runs short trainings through ``python -m peftbench.train``'s own path (Lightning,
+data module, checkpoints, task file), one fresh process per variant: training steps/s with the loader and with the
+split resident (``data.resident=true``; data fetching included, the first epoch left out), and the bytes the run
+writes to disk (``/proc/self/io`` ``wchar`` of the process, plus the checkpoint writes it counts).
+
 Ratios against LoRA and full fine-tuning are the headline (absolute times on shared machines are noisy). The
 driver writes ``<out_dir>/bench.json`` and ``bench.md`` and prints the Markdown. A job that fails or times out is
 recorded as failed and the bench goes on.
@@ -59,8 +64,10 @@ NORMALIZE = {
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: modules the fork server imports once, so every job starts with them loaded (not this module itself: under
-#: ``python -m peftbench.bench`` multiprocessing runs it again as ``__mp_main__``, and runpy warns if it is loaded)
-PRELOAD = ["torch", "timm", "hydra", "peftbench.export", "peftbench.backbones.build", "peftbench.scorers.sensitivity"]
+#: ``python -m peftbench.bench`` multiprocessing runs it again as ``__mp_main__``, and runpy warns if it is loaded);
+#: peftbench.train (Lightning) for the pipeline jobs
+PRELOAD = ["torch", "timm", "hydra", "peftbench.export", "peftbench.backbones.build", "peftbench.scorers.sensitivity",
+           "peftbench.train"]
 
 
 def compose(overrides: list[str], config_name: str = "bench") -> DictConfig:
@@ -288,10 +295,52 @@ def measure(job: dict) -> dict[str, Any]:
     return row
 
 
+def _written_bytes() -> int | None:
+    """Bytes this process has written through write calls so far (``/proc/self/io`` ``wchar``), if known."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("wchar:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def measure_pipeline(job: dict) -> dict[str, Any]:
+    """One short training run of ``job["overrides"]`` through :func:`peftbench.train.execute` in a temporary
+    folder: steps/s (:class:`~peftbench.callbacks.StepTimer`), bytes written, checkpoint writes."""
+    from peftbench.train import compose_config, execute  # Lightning: imported in this job's process only
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        timer = Path(tmp) / "steps.json"
+        cfg = compose_config([
+            *job["overrides"], f"paths.output_dir={tmp}/outputs",
+            f"+callbacks.bench_timer={{_target_: peftbench.callbacks.StepTimer, path: '{timer}', "
+            f"skip_epochs: {int(job['skip_epochs'])}}}",
+        ])
+        before = _written_bytes()
+        record = execute(cfg, Path(tmp) / "run")
+        after = _written_bytes()
+        steps = json.loads(timer.read_text())
+    storage = record["storage"]
+    return {
+        "steps_per_s": steps["steps_per_s"],
+        "timed_steps": steps["steps"],
+        "epochs": record["epochs"],
+        "data_resident": record["data_resident"],
+        "checkpoint_writes": storage["checkpoint_writes"],
+        "checkpoint_bytes_written": storage["checkpoint_bytes_written"],
+        "task_file_bytes": storage["task_file_bytes"],
+        "bytes_written": None if before is None or after is None else after - before,
+    }
+
+
 def _worker(job: dict, out_path: str) -> None:
     """Process entry point: measure ``job`` and write its row (``ok`` or ``failed``) as JSON to ``out_path``."""
     try:
-        row = {**measure(job), "status": "ok"}
+        row = {**(measure_pipeline(job) if job.get("kind") == "pipeline" else measure(job)), "status": "ok"}
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every failure is recorded
         error = f"{type(err).__name__}: {err}".splitlines()[0]
         row = {"status": "failed", "error": error, "traceback": traceback.format_exc()}
@@ -332,6 +381,18 @@ def jobs(cfg: DictConfig) -> list[dict]:
     return out
 
 
+def pipeline_jobs(cfg: DictConfig) -> list[dict]:
+    """One job per variant of ``bench.pipeline`` (none without it)."""
+    spec = cfg.bench.get("pipeline")
+    if not spec:
+        return []
+    return [
+        {"kind": "pipeline", "variant": name, "common": list(spec.overrides), "overrides": [*spec.overrides, *extra],
+         "threads": cfg.bench.get("threads"), "skip_epochs": int(spec.get("skip_epochs", 1))}
+        for name, extra in spec.variants.items()
+    ]
+
+
 def run_job(job: dict, context: mp.context.BaseContext, timeout_s: float) -> dict:
     """Run ``job`` in a child process; return its row (``failed`` with the reason on error or timeout)."""
     fd, out_path = tempfile.mkstemp(suffix=".json", prefix="peftbench-bench-")
@@ -348,7 +409,8 @@ def run_job(job: dict, context: mp.context.BaseContext, timeout_s: float) -> dic
         text = Path(out_path).read_text()
         row = json.loads(text) if text else {"status": "failed", "error": f"process exited with {proc.exitcode}"}
     Path(out_path).unlink(missing_ok=True)
-    keys = ("backbone", "method", "dtype", "batch_size", "infer_batch")
+    keys = ("variant", "common", "overrides") if job.get("kind") == "pipeline" else (
+        "backbone", "method", "dtype", "batch_size", "infer_batch")
     return {**{k: job[k] for k in keys}, **row, "job_s": time.perf_counter() - start}
 
 
@@ -517,6 +579,29 @@ def markdown(report: dict) -> str:
         else:
             lines.append(f"Moonshot: {m['status']}.")
         lines.append("")
+    pipeline = report.get("pipeline") or []
+    if pipeline:
+        loader = next((r for r in pipeline if r["status"] == "ok" and not r["data_resident"]), None)
+        lines += [
+            f"**Training pipeline** (`python -m peftbench.train`'s path: `{' '.join(pipeline[0]['common'])}`; "
+            "steps/s with data fetching, first epoch left out; bytes written by the run's process)",
+            "",
+            "| variant | resident splits | steps/s | x loader | checkpoint writes | checkpoint MB written "
+            "| task file KB | bytes written per run MB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in pipeline:
+            if r["status"] != "ok":
+                lines.append(f"| {r['variant']} | failed: {r['error'][:90]} |" + " |" * 6)
+                continue
+            ratio = r["steps_per_s"] / loader["steps_per_s"] if loader and r["steps_per_s"] else None
+            written = r["bytes_written"]
+            lines.append(
+                f"| {r['variant']} | {', '.join(r['data_resident']) or '-'} | {_fmt(r['steps_per_s'])} "
+                f"| {_fmt(ratio)} | {r['checkpoint_writes']} | {r['checkpoint_bytes_written'] / 2**20:.2f} "
+                f"| {r['task_file_bytes'] / 1024:.1f} | {'-' if written is None else f'{written / 2**20:.2f}'} |"
+            )
+        lines.append("")
     lines.append(f"Peak memory: {report['memory_measure']}")
     return "\n".join(lines) + "\n"
 
@@ -536,6 +621,13 @@ def run_bench(cfg: DictConfig, command: str = "python -m peftbench.bench") -> di
         if row["status"] != "ok":
             print(f"peftbench.bench:   failed: {row['error']}", file=sys.stderr, flush=True)
         rows.append(row)
+    pipeline = []
+    for job in pipeline_jobs(cfg):
+        print(f"peftbench.bench: pipeline {job['variant']} ...", file=sys.stderr, flush=True)
+        row = run_job(job, context, float(bench.timeout_s))
+        if row["status"] != "ok":
+            print(f"peftbench.bench:   failed: {row['error']}", file=sys.stderr, flush=True)
+        pipeline.append(row)
     add_ratios(rows, dict(cfg.reference))
     device = torch.device(bench.device)
     report = {
@@ -553,6 +645,7 @@ def run_bench(cfg: DictConfig, command: str = "python -m peftbench.bench") -> di
         "rows": rows,
         "targets": check_targets(rows, cfg.targets),
         "moonshot": moonshot(rows, bench.get("moonshot")),
+        "pipeline": pipeline,
     }
     report["wall_s"] = time.perf_counter() - start
     out_dir = Path(cfg.out_dir)

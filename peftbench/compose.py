@@ -144,6 +144,8 @@ def check_run_values(cfg: DictConfig) -> None:
          or (isinstance(cfg.scoring.n_samples, int) and cfg.scoring.n_samples >= 0), "an integer >= 0 or null (all)"),
         ("scoring.batch_size", isinstance(cfg.scoring.batch_size, int) and cfg.scoring.batch_size >= 1,
          "an integer >= 1"),
+        ("checkpoint_every", _auto_or_positive(cfg.get("checkpoint_every", "auto")), "auto or an integer >= 1"),
+        ("compile", isinstance(cfg.get("compile", False), bool), "true or false"),
     ]
     for key, ok, expected in checks:
         if not ok:
@@ -154,6 +156,10 @@ def check_run_values(cfg: DictConfig) -> None:
             f"data.image_size={image} but the backbone is built for {built}: set backbone.image_size instead "
             "(data.image_size follows it)"
         )
+
+
+def _auto_or_positive(value: Any) -> bool:
+    return value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
 
 
 def check_factories(optimizer: Any, scheduler: Any) -> None:

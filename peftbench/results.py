@@ -15,8 +15,11 @@ RESULTS = "results.json"
 
 # top-level config keys that do not change a run's outcome: left out of its key
 KEY_EXCLUDES = (
-    "run_dir", "resume", "keep_checkpoint", "skip_done", "group", "suite", "logger", "paths", "_choices_", "hydra"
+    "run_dir", "resume", "keep_checkpoint", "checkpoint_every", "skip_done", "group", "suite", "logger", "paths",
+    "_choices_", "hydra",
 )
+#: keys of the data block that change how batches are served, never what they hold (bit-identical batches)
+DATA_KEY_EXCLUDES = ("num_workers", "resident", "resident_max_share")
 
 
 def run_key(config: dict[str, Any]) -> str:
@@ -27,7 +30,7 @@ def run_key(config: dict[str, Any]) -> str:
     """
     kept = {k: v for k, v in config.items() if k not in KEY_EXCLUDES}
     if isinstance(kept.get("data"), dict):  # loader parallelism never changes the numbers
-        kept["data"] = {k: v for k, v in kept["data"].items() if k != "num_workers"}
+        kept["data"] = {k: v for k, v in kept["data"].items() if k not in DATA_KEY_EXCLUDES}
     blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 

@@ -69,6 +69,8 @@ def build(cfg: DictConfig, method_state: dict | None = None):
         method_state=method_state,
         label_smoothing=cfg.label_smoothing,
         seed=cfg.seed,
+        compile=cfg.get("compile", False),
+        compile_backend=cfg.get("compile_backend", "inductor"),
     )
     return parts.task, datamodule, module, parts.pretrained_backbone
 
@@ -85,11 +87,26 @@ def _load_plain(path: Path, what: str = "", mmap: bool = False) -> Any:
 
 
 def _trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     if cfg.protocol == "paper":
-        return {"check_val_every_n_epoch": int(cfg.paper_eval_every)}
-    if cfg.protocol == "final":
-        return {"limit_val_batches": 0}
-    return {}
+        out["check_val_every_n_epoch"] = int(cfg.paper_eval_every)
+    elif cfg.protocol == "final":
+        out["limit_val_batches"] = 0
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        gpu = spread_device(HydraConfig.get().job.num, cfg.trainer, torch.cuda.device_count())
+        if gpu is not None:
+            out["devices"] = [gpu]
+    return out
+
+
+def spread_device(job_num: int, trainer_cfg: Any, visible_gpus: int) -> int | None:
+    """The GPU that job ``job_num`` of a multirun uses when several are visible: ``job_num mod visible_gpus``, so
+    the runs of a parallel launcher (``hydra/launcher=gpu_shared``: N processes) spread over the GPUs. Only for
+    one-device trainers on a GPU accelerator (DDP trainers and the CPU keep their settings); None: no change."""
+    devices, accelerator = trainer_cfg.get("devices"), str(trainer_cfg.get("accelerator"))
+    if visible_gpus < 2 or devices != 1 or accelerator not in ("gpu", "cuda", "auto"):
+        return None
+    return job_num % visible_gpus
 
 
 def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any]:
@@ -113,7 +130,8 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
     task, datamodule, module, pretrained_backbone = build(cfg, method_state)
     history = EvalHistory()
     # MethodHooks first: the method's epoch-end records are in the state that LastCheckpoint's checkpoint re-saves
-    callbacks = [MethodHooks(run_dir / "method_state.pt"), LastCheckpoint(run_dir / "checkpoints"), history]
+    checkpoints = LastCheckpoint(run_dir / "checkpoints", cfg.get("checkpoint_every", "auto"))
+    callbacks = [MethodHooks(run_dir / "method_state.pt"), checkpoints, history]
     callbacks += [instantiate_group(c, "callbacks") for c in (cfg.get("callbacks") or {}).values()]
     logger = instantiate_group(cfg.logger, "logger", save_dir=run_dir, name=run_name(cfg), tags=run_tags(cfg))
     trainer = instantiate_group(
@@ -129,7 +147,8 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
     if trainer.is_global_zero:
         start_logging(trainer.logger, OmegaConf.to_container(cfg, resolve=True))
     try:
-        return _fit_and_evaluate(cfg, run_dir, trainer, module, datamodule, ckpt_path, history, pretrained_backbone)
+        return _fit_and_evaluate(cfg, run_dir, trainer, module, datamodule, ckpt_path, history, checkpoints,
+                                 pretrained_backbone)
     except BaseException:
         if trainer.is_global_zero:
             with signals_ignored():
@@ -137,7 +156,9 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, Any
         raise
 
 
-def _fit_and_evaluate(cfg, run_dir, trainer, module, datamodule, ckpt_path, history, pretrained_backbone) -> dict:
+def _fit_and_evaluate(
+    cfg, run_dir, trainer, module, datamodule, ckpt_path, history, checkpoints, pretrained_backbone
+) -> dict:
     """``trainer.fit``, the reported metrics, the final test, the task file and the record of :func:`run`."""
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -169,6 +190,8 @@ def _fit_and_evaluate(cfg, run_dir, trainer, module, datamodule, ckpt_path, hist
         checkpoint = run_dir / CHECKPOINT
         storage["checkpoint_bytes"] = checkpoint.stat().st_size if checkpoint.exists() else 0
         storage["checkpoint_kept"] = bool(cfg.get("keep_checkpoint", False))
+        storage["checkpoint_writes"] = checkpoints.writes
+        storage["checkpoint_bytes_written"] = checkpoints.bytes_written
     if trainer.is_global_zero:
         config = {**OmegaConf.to_container(cfg, resolve=True), "params": params, "protocol": cfg.protocol}
         finish(trainer.logger, {f"final/{k}": v for k, v in metrics.items()}, config)
@@ -182,6 +205,7 @@ def _fit_and_evaluate(cfg, run_dir, trainer, module, datamodule, ckpt_path, hist
         "timings": {"scoring_s": module.scoring_seconds, "training_s": train_seconds, "evaluation_s": eval_seconds},
         "epochs": trainer.current_epoch,
         "device": str(trainer.strategy.root_device),
+        "data_resident": sorted(datamodule.on_device),
         "precision": str(trainer.precision),
         "global_zero": trainer.is_global_zero,
     }

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from peftbench.bench import check_targets, compose, jobs, markdown, moonshot, run_bench, wrappers
+from peftbench.bench import check_targets, compose, jobs, markdown, moonshot, pipeline_jobs, run_bench, wrappers
 from peftbench.methods.base import prepare_model, unwrap
 
 
@@ -24,8 +24,16 @@ def test_presets_compose(preset):
         assert {j["batch_size"] for j in todo} == {64}
         assert compose(["backbone=vit_b16_in21k"], config_name="train").backbone.image_size == 224
         assert cfg.bench.moonshot.tasks == 19 and len(cfg.bench.moonshot.test_images) == 19
+        assert pipeline_jobs(cfg) == []
     else:
         assert {j["backbone"] for j in todo} == {"vit_micro", "vit_b16_in21k (random weights)"}
+        pipeline = pipeline_jobs(cfg)  # the training-pipeline rows: loader, resident, checkpoints every epoch
+        assert [j["variant"].split(",")[0] for j in pipeline] == ["loader", "resident", "loader"]
+        from peftbench.train import compose_config
+
+        for job in pipeline:
+            run = compose_config(job["overrides"])
+            assert run.trainer.limit_train_batches == 4 and run.data.resident == ("resident" in job["variant"])
 
 
 def test_moonshot_arithmetic():
@@ -152,3 +160,34 @@ def test_sparse_linear_matches_autograd_and_saves_no_weight(autocast):
     for got, want in zip(grads, refs):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=1e-2 if autocast else 1e-5, atol=1e-2 if autocast else 1e-5)
+
+
+def test_pipeline_rows_time_the_loader_and_resident_data_and_count_bytes_written(tmp_path):
+    """bench.pipeline: short runs through the training path, one process each: steps/s with the loader and with
+    resident data, checkpoint writes as configured, the run's bytes written (checkpoints + task file + records)."""
+    from tests.helpers import TINY
+
+    cfg = compose(["bench=cpu", f"out_dir={tmp_path}"])
+    with open_dict(cfg):
+        cfg.bench.runs = []
+        cfg.bench.update(threads=1, timeout_s=120)
+        cfg.bench.pipeline = {
+            "overrides": [*TINY, "trainer.max_epochs=4", "checkpoint_every=2"],
+            "skip_epochs": 1,
+            "variants": {"loader": ["data.resident=false"], "resident": ["data.resident=true"],
+                         "every epoch": ["checkpoint_every=1"]},
+        }
+    report = run_bench(cfg)
+    rows = {r["variant"]: r for r in report["pipeline"]}
+    assert list(rows) == ["loader", "resident", "every epoch"]
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert rows["loader"]["data_resident"] == [] and rows["resident"]["data_resident"] == ["test", "train", "val"]
+    for r in rows.values():
+        assert r["steps_per_s"] > 0 and r["timed_steps"] == 3 * 4  # 64 images at batch 16, epoch 0 left out
+        assert r["bytes_written"] > r["checkpoint_bytes_written"] + r["task_file_bytes"]
+    assert [rows[v]["checkpoint_writes"] for v in rows] == [2, 2, 4]
+    every, loader = rows["every epoch"]["checkpoint_bytes_written"], rows["loader"]["checkpoint_bytes_written"]
+    assert every == pytest.approx(2 * loader, rel=1e-3)  # twice the writes of the same size (+- a few header bytes)
+    table = markdown(report)
+    assert "**Training pipeline**" in table and "| resident | test, train, val |" in table
+    assert json.loads((tmp_path / "bench.json").read_text())["pipeline"][1]["variant"] == "resident"

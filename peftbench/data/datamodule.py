@@ -1,4 +1,5 @@
-"""LightningDataModule over decoded uint8 splits: cheap indexing on the host, normalisation on the device."""
+"""LightningDataModule over decoded uint8 splits: cheap indexing on the host (or a split resident on the device,
+:mod:`peftbench.data.resident`), normalisation on the device."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from collections.abc import Callable, Iterator
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from peftbench.data.base import SplitArrays, Task
+from peftbench.data.resident import ResidentLoader, split_bytes, to_device
 from peftbench.errors import ConfigError, DataError
 
 NORMALIZE = {
@@ -109,6 +112,12 @@ class VisionDataModule(L.LightningDataModule):
         normalize: imagenet / inception / none.
         num_workers: DataLoader workers (0 is fine: items are already decoded).
         seed: shuffling seed.
+        resident: keep splits on the training device and draw batches there (:mod:`peftbench.data.resident`):
+            ``auto`` on a CUDA device for every split that fits ``resident_max_share`` of the device's free memory
+            (the others, and every split on the CPU, use the loader); ``true`` always (also on the CPU: the same
+            batches as the loader, bit for bit); ``false`` never.
+        resident_max_share: the share of the device's free memory (when the data module decides) that resident
+            splits may take together under ``auto``.
     """
 
     def __init__(
@@ -121,6 +130,8 @@ class VisionDataModule(L.LightningDataModule):
         normalize: str = "imagenet",
         num_workers: int = 0,
         seed: int = 0,
+        resident: bool | str = "auto",
+        resident_max_share: float = 0.5,
     ) -> None:
         super().__init__()
         if protocol not in PROTOCOLS:
@@ -132,13 +143,22 @@ class VisionDataModule(L.LightningDataModule):
                 raise ConfigError(f"data.{key}={value!r}: give a positive integer")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ConfigError(f"data.num_workers={num_workers!r}: give an integer >= 0")
+        if resident not in ("auto", True, False):
+            raise ConfigError(f"data.resident={resident!r}: choose auto, true or false")
+        share = resident_max_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ConfigError(f"data.resident_max_share={share!r}: give a number in (0, 1]")
+        self.resident, self.resident_max_share = resident, float(share)
         self.task, self.protocol, self.image_size = task, protocol, int(image_size)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.seed = num_workers, seed
         mean, std = NORMALIZE[normalize]
         self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
+        self._norm_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # mean / std per device
         self.splits: dict[str, SplitArrays] = {}
+        self.on_device: dict[str, SplitArrays] = {}  # role -> the split on the training device (resident)
+        self.refused: set[str] = set()  # roles that stay on the host (did not fit the share)
 
     @property
     def num_classes(self) -> int:
@@ -177,18 +197,58 @@ class VisionDataModule(L.LightningDataModule):
         if stage in (None, "test"):
             self.split("test")
 
-    def _eval_loader(self, role: str) -> DataLoader:
+    # --- where batches come from -------------------------------------------------------------------------------
+    def device(self) -> torch.device:
+        """The training device (the attached trainer's; the CPU without one)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def resident_split(self, role: str) -> SplitArrays | None:
+        """The split of ``role`` held on the training device, or None when ``data.resident`` keeps it on the host.
+
+        Decided once per role: ``auto`` holds a split on a CUDA device when the resident splits together stay
+        within ``resident_max_share`` of the device's free memory; ``true`` holds every split (any device).
+        """
+        if role in self.on_device:
+            return self.on_device[role]
+        device = self.device()
+        if self.resident is False or role in self.refused or (self.resident == "auto" and device.type != "cuda"):
+            return None
+        split = self.split(role)
+        if self.resident == "auto":
+            need = split_bytes(split) + sum(split_bytes(s) for s in self.on_device.values())
+            free = torch.cuda.mem_get_info(device)[0]
+            if need > self.resident_max_share * free:
+                self.refused.add(role)
+                rank_zero_info(
+                    f"peftbench: split {role} ({need / 2**20:.0f} MB with the other resident splits) exceeds "
+                    f"data.resident_max_share={self.resident_max_share} of {free / 2**30:.1f} GB free on {device}: "
+                    "it is served by the loader"
+                )
+                return None
+        self.on_device[role] = to_device(split, device)
+        return self.on_device[role]
+
+    def _eval_loader(self, role: str) -> DataLoader | ResidentLoader:
+        resident = self.resident_split(role)
+        if resident is not None:
+            return ResidentLoader(resident, self.eval_batch_size, None, ArrayDataset)
         return DataLoader(
             ArrayDataset(self.split(role)), batch_size=self.eval_batch_size, num_workers=self.num_workers,
             collate_fn=collate,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        data = ArrayDataset(self.split(self.train_role), self.task.train_augment(self.image_size))
+    def train_dataloader(self) -> DataLoader | ResidentLoader:
+        split = self.split(self.train_role)
+        augment = self.task.train_augment(self.image_size)
+        sampler = EpochSampler(len(split), self.seed)
+        resident = self.resident_split(self.train_role)
+        if resident is not None:  # the same sampler and per-sample seeds: the same batches, drawn on the device
+            return ResidentLoader(resident, self.batch_size, sampler, ArrayDataset, augment)
         return DataLoader(
-            data,
+            ArrayDataset(split, augment),
             batch_size=self.batch_size,
-            sampler=EpochSampler(len(data), self.seed),
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
             drop_last=False,
@@ -203,7 +263,9 @@ class VisionDataModule(L.LightningDataModule):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) on any device -> normalised float32 (B, 3, H, W) on that device."""
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        if images.device not in self._norm_on:  # copied once per device, not once per batch
+            self._norm_on[images.device] = (self.mean.to(images.device), self.std.to(images.device))
+        mean, std = self._norm_on[images.device]
         return (images.float() - mean) / std
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
