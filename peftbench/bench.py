@@ -309,7 +309,8 @@ def _written_bytes() -> int | None:
 def measure_pipeline(job: dict) -> dict[str, Any]:
     """One short training run of ``job["overrides"]`` through :func:`peftbench.train.execute` in a temporary
     folder: steps/s (:class:`~peftbench.callbacks.StepTimer`), bytes written, checkpoint writes."""
-    from peftbench.train import compose_config, execute  # Lightning: imported in this job's process only
+    from peftbench.compose import compose_config
+    from peftbench.train import execute  # Lightning: imported in this job's process only
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))

@@ -29,7 +29,7 @@ def test_presets_compose(preset):
         assert {j["backbone"] for j in todo} == {"vit_micro", "vit_b16_in21k (random weights)"}
         pipeline = pipeline_jobs(cfg)  # the training-pipeline rows: loader, resident, checkpoints every epoch
         assert [j["variant"].split(",")[0] for j in pipeline] == ["loader", "resident", "loader"]
-        from peftbench.train import compose_config
+        from peftbench.compose import compose_config
 
         for job in pipeline:
             run = compose_config(job["overrides"])

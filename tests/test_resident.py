@@ -6,11 +6,12 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
+from peftbench.compose import compose_config
 from peftbench.data.base import SplitArrays
 from peftbench.data.datamodule import EpochSampler, VisionDataModule
 from peftbench.data.resident import ResidentLoader, split_bytes
 from peftbench.errors import ConfigError
-from peftbench.train import compose_config, execute
+from peftbench.train import execute
 from tests.helpers import TINY, BlobTask
 
 
