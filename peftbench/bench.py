@@ -45,38 +45,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from peftbench.accounting import backbone_size, parameter_report
+from peftbench.compose import build_task, compose_config, instantiate_group
+from peftbench.data.base import NORMALIZE
 from peftbench.errors import PeftbenchError
 from peftbench.methods.base import prepare_model, unwrap
 from peftbench.task_file import save_task
 from peftbench.weight_decay import parameter_groups
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-#: mean / std of data.normalize (as peftbench.data.datamodule; not imported: it pulls in Lightning, 8 s per job)
-NORMALIZE = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: modules the fork server imports once, so every job starts with them loaded (not this module itself: under
 #: ``python -m peftbench.bench`` multiprocessing runs it again as ``__mp_main__``, and runpy warns if it is loaded);
 #: peftbench.train (Lightning) for the pipeline jobs
 PRELOAD = ["torch", "timm", "hydra", "peftbench.export", "peftbench.backbones.build", "peftbench.scorers.sensitivity",
            "peftbench.train"]
-
-
-def compose(overrides: list[str], config_name: str = "bench") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with ``overrides`` (without importing Lightning, unlike train's)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
 
 
 # --- memory and time ------------------------------------------------------------------------------------------
@@ -165,9 +150,7 @@ def _data(job: dict, cfg: DictConfig, device: torch.device, n: int) -> tuple[tor
         images = torch.randn(n, 3, size, size, generator=g)  # already "normalised"
         labels = torch.randint(0, num_classes, (n,), generator=g)
         return images.to(device), labels.to(device), num_classes
-    spec = OmegaConf.to_container(cfg.dataset, resolve=True)
-    spec.pop("recipe", None)
-    task = instantiate(spec)
+    task = build_task(cfg.dataset)
     split = task.load_role("train", size)
     reps = -(-n // len(split))  # cycle the split when n is larger
     images = torch.as_tensor(split.images).repeat(reps, 1, 1, 1)[:n]  # (n, 3, H, W) uint8
@@ -203,26 +186,26 @@ def measure(job: dict) -> dict[str, Any]:
         torch.set_num_threads(int(job["threads"]))
     amp = DTYPES[job["dtype"]]
     method_name = job["method"]
-    cfg = compose(job["overrides"] + [f"method={method_name}", "logger=none"], config_name="train")
-    scorer_name = next((o.split("=", 1)[1] for o in job["overrides"] if o.startswith("scorer=")), None)
+    cfg = compose_config(job["overrides"] + [f"method={method_name}", "logger=none"])
+    scorer_name = cfg._choices_.get("scorer")  # the method's own scorer, unless the overrides choose another
     scoring = job["scoring"]
     n_score = int(scoring.get(scorer_name, 0)) if scorer_name else 0
     batch = int(job["batch_size"])
     x_all, y_all, num_classes = _data(job, cfg, device, max(n_score, batch * 2, job["infer_batch"]))
 
-    method = instantiate(cfg.method)  # before the baseline: importing a method's or scorer's module is not training
-    scorer = instantiate(cfg.scorer) if scorer_name else None
+    method = instantiate_group(cfg.method, "method")  # before the baseline: importing a module is not training
+    scorer = instantiate_group(cfg.scorer, "scorer") if scorer_name else None
     meter = MemoryMeter(device)
     meter.set_baseline()
     torch.manual_seed(0)
-    model = instantiate(cfg.backbone, num_classes=num_classes).to(device)
+    model = instantiate_group(cfg.backbone, "backbone", num_classes=num_classes).to(device)
     pretrained = backbone_size(model)
     row: dict[str, Any] = {"reparameterisable": bool(getattr(method, "reparameterisable", False))}
 
     scores, holder = None, {}
     if getattr(method, "needs_scores", False):
         if scorer is None:
-            raise PeftbenchError(f"method {method_name!r} needs a scorer: add it to method_overrides in bench.yaml")
+            raise PeftbenchError(f"method {method_name!r} needs a scorer: its config brings none (conf/method/)")
         sb = int(scoring["batch_size"])
         batches = [(x_all[i : i + sb], y_all[i : i + sb]) for i in range(0, n_score, sb)]
         row.update(
@@ -242,7 +225,7 @@ def measure(job: dict) -> dict[str, Any]:
     prepare_model(model, method, state=state)
     model.train()
     row["params"] = parameter_report(model, pretrained)
-    optimizer = instantiate(cfg.optimizer)(params=parameter_groups(model))
+    optimizer = instantiate_group(cfg.optimizer, "optimizer")(params=parameter_groups(model))
     train_model = torch.compile(model) if job.get("compile") else model
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
@@ -279,7 +262,7 @@ def measure(job: dict) -> dict[str, Any]:
     model.eval()
     x = x_all[: int(job["infer_batch"])]
     torch.manual_seed(0)
-    plain = instantiate(cfg.backbone, num_classes=num_classes).to(device).eval()
+    plain = instantiate_group(cfg.backbone, "backbone", num_classes=num_classes).to(device).eval()
     rounds = int(job["latency_rounds"])
     if row["reparameterisable"]:
         merged = unwrap(copy.deepcopy(model))
@@ -309,7 +292,6 @@ def _written_bytes() -> int | None:
 def measure_pipeline(job: dict) -> dict[str, Any]:
     """One short training run of ``job["overrides"]`` through :func:`peftbench.train.execute` in a temporary
     folder: steps/s (:class:`~peftbench.callbacks.StepTimer`), bytes written, checkpoint writes."""
-    from peftbench.compose import compose_config
     from peftbench.train import execute  # Lightning: imported in this job's process only
 
     if job.get("threads"):
@@ -661,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point: Hydra overrides of ``conf/bench.yaml``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = compose(argv)
+        cfg = compose_config(argv, config_name="bench")
         with open_dict(cfg):
             cfg.out_dir = str(Path(cfg.out_dir))
         report = run_bench(cfg, command=" ".join(["python -m peftbench.bench", *argv]))

@@ -40,8 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peftbench.backbones import anatomy
-from peftbench.data.base import Task
-from peftbench.data.datamodule import NORMALIZE
+from peftbench.data.base import NORMALIZE, Task
 from peftbench.data.decode import ImageTransform
 from peftbench.errors import PeftbenchError
 from peftbench.layers.binary_lora import BinaryLoRALinear

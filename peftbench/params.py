@@ -22,7 +22,8 @@ from peftbench.accounting import parameter_report
 from peftbench.backbones.build import weights_file
 from peftbench.compose import build_parts, choices, compose_config, instantiate_group
 from peftbench.console import quiet_third_party
-from peftbench.data.datamodule import NORMALIZE, VisionDataModule
+from peftbench.data.base import NORMALIZE
+from peftbench.data.datamodule import VisionDataModule
 from peftbench.errors import DataError, user_error
 from peftbench.methods.base import prepare_model
 

@@ -8,29 +8,29 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from peftbench.bench import check_targets, compose, jobs, markdown, moonshot, pipeline_jobs, run_bench, wrappers
+from peftbench.bench import check_targets, jobs, markdown, moonshot, pipeline_jobs, run_bench, wrappers
+from peftbench.compose import compose_config
 from peftbench.methods.base import prepare_model, unwrap
 
 
 @pytest.mark.parametrize("preset", ["cpu", "gpu"])
 def test_presets_compose(preset):
     """Both presets compose into jobs; gpu is ViT-B/16 at 224, batch 64, bf16 and fp32, with the moonshot."""
-    cfg = compose([f"bench={preset}"])
+    cfg = compose_config(config_name="bench", overrides=[f"bench={preset}"])
     todo = jobs(cfg)
     assert todo and {j["method"] for j in todo} >= {"lora", "full", "spt_lora", "cdra_spt"}
-    assert all("scorer=sensitivity" in j["overrides"] for j in todo if j["method"] in ("spt_lora", "cdra_spt"))
+    for job in (j for j in todo if j["method"] in ("spt_lora", "cdra_spt")):  # the method brings its scorer
+        assert compose_config([*job["overrides"], f"method={job['method']}"])._choices_["scorer"] == "sensitivity"
     if preset == "gpu":
         assert cfg.bench.device == "cuda" and list(cfg.bench.dtypes) == ["bf16", "fp32"]
         assert {j["batch_size"] for j in todo} == {64}
-        assert compose(["backbone=vit_b16_in21k"], config_name="train").backbone.image_size == 224
+        assert compose_config(["backbone=vit_b16_in21k"]).backbone.image_size == 224
         assert cfg.bench.moonshot.tasks == 19 and len(cfg.bench.moonshot.test_images) == 19
         assert pipeline_jobs(cfg) == []
     else:
         assert {j["backbone"] for j in todo} == {"vit_micro", "vit_b16_in21k (random weights)"}
         pipeline = pipeline_jobs(cfg)  # the training-pipeline rows: loader, resident, checkpoints every epoch
         assert [j["variant"].split(",")[0] for j in pipeline] == ["loader", "resident", "loader"]
-        from peftbench.compose import compose_config
-
         for job in pipeline:
             run = compose_config(job["overrides"])
             assert run.trainer.limit_train_batches == 4 and run.data.resident == ("resident" in job["variant"])
@@ -38,7 +38,7 @@ def test_presets_compose(preset):
 
 def test_moonshot_arithmetic():
     """1.9M training images (19 x 100 x 1,000) plus the test sets, at the LoRA bf16 row's throughputs."""
-    spec = compose(["bench=gpu"]).bench.moonshot
+    spec = compose_config(config_name="bench", overrides=["bench=gpu"]).bench.moonshot
     rows = [{"method": "lora", "dtype": "bf16", "status": "ok", "train_img_s": 2000.0, "eval_img_s": 8000.0}]
     m = moonshot(rows, spec)
     test = sum(spec.test_images.values())
@@ -68,7 +68,7 @@ def test_merged_model_has_no_wrappers():
 
 def test_tiny_bench(tmp_path):
     """vit_micro (random weights, synthetic data), lora + full + a failing method: rows, ratios, JSON, table."""
-    cfg = compose(["bench=cpu", f"out_dir={tmp_path}"])
+    cfg = compose_config(config_name="bench", overrides=["bench=cpu", f"out_dir={tmp_path}"])
     tiny = {
         "name": "tiny",
         "overrides": ["backbone=vit_micro", "backbone.pretrained=false"],
@@ -110,7 +110,7 @@ def test_tiny_bench(tmp_path):
 
 def test_targets_verdicts():
     """Each target reads the right figures and compares with its limit."""
-    targets = compose([]).targets
+    targets = compose_config(config_name="bench", overrides=[]).targets
     row = {
         "status": "ok",
         "backbone": "b",
@@ -167,7 +167,7 @@ def test_pipeline_rows_time_the_loader_and_resident_data_and_count_bytes_written
     resident data, checkpoint writes as configured, the run's bytes written (checkpoints + task file + records)."""
     from tests.helpers import TINY
 
-    cfg = compose(["bench=cpu", f"out_dir={tmp_path}"])
+    cfg = compose_config(config_name="bench", overrides=["bench=cpu", f"out_dir={tmp_path}"])
     with open_dict(cfg):
         cfg.bench.runs = []
         cfg.bench.update(threads=1, timeout_s=120)

@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 import peftbench
 from peftbench.backbones import vit_micro
 from peftbench.compose import compose_config
-from peftbench.data.datamodule import NORMALIZE
+from peftbench.data.base import NORMALIZE
 from peftbench.errors import PeftbenchError
 from peftbench.export import evaluate, load_task, main
 from peftbench.task_file import TASK_FILE

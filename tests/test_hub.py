@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from peftbench.data.datamodule import NORMALIZE
+from peftbench.data.base import NORMALIZE
 from peftbench.data.fewshot import FewShotTask
 from peftbench.data.fgvc import FGVCTask
 from peftbench.data.vtab import VTABTask

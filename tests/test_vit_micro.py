@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from peftbench import pretrain
 from peftbench.backbones import anatomy, build_backbone, vit_micro
 from peftbench.backbones.checkpoint import load_checkpoint
-from peftbench.data.datamodule import NORMALIZE
+from peftbench.data.base import NORMALIZE
 from peftbench.errors import WeightsError
 from peftbench.plots import sweeps
 

@@ -28,6 +28,13 @@ def check_relative(relative: str, where: str) -> str:
     return relative
 
 
+#: data.normalize -> (mean, std) per channel, on [0, 1] pixels; images are normalised on the device
+NORMALIZE = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
 #: Roles a protocol asks for -> default split names (VTAB-1k naming). Tasks override ``split_names``.
 ROLES = ("train", "val", "trainval", "test")
 

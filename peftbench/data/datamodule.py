@@ -11,15 +11,9 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from peftbench.data.base import SplitArrays, Task
+from peftbench.data.base import NORMALIZE, SplitArrays, Task
 from peftbench.data.resident import ResidentLoader, split_bytes, to_device
 from peftbench.errors import ConfigError, DataError
-
-NORMALIZE = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-}
 
 #: protocol -> (training role, role evaluated during training or None, whether test is evaluated at the end)
 PROTOCOLS = {

@@ -53,8 +53,8 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
 
 
 def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of ``data.normalize`` = ``name`` (the data module's table)."""
-    from peftbench.data.datamodule import NORMALIZE  # here, not at import: it pulls in Lightning
+    """(mean, std) of ``data.normalize`` = ``name`` (:data:`peftbench.data.base.NORMALIZE`)."""
+    from peftbench.data.base import NORMALIZE
 
     if name not in NORMALIZE:
         raise ConfigError(f"contrastive scorer: normalize={name!r} is unknown; choose one of {sorted(NORMALIZE)}")
