@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from peftbench.errors import ConfigError, PeftbenchError
-from peftbench.results import run_key
+from peftbench.records.results import run_key
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -88,7 +88,7 @@ def record_choices(cfg: DictConfig) -> DictConfig:
 
 
 def config_key(cfg: DictConfig) -> str:
-    """The run key of ``cfg`` (see :func:`peftbench.results.run_key`)."""
+    """The run key of ``cfg`` (see :func:`peftbench.records.results.run_key`)."""
     return run_key(OmegaConf.to_container(cfg, resolve=True))
 
 

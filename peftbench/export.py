@@ -35,8 +35,8 @@ from peftbench.compose import config_from_file
 from peftbench.errors import PeftbenchError
 from peftbench.hub import MERGED_DIR, PEFT_DIR, NotRepresentable, preprocessing, save_peft, save_timm
 from peftbench.methods.base import unwrap
-from peftbench.results import RESULTS, read_results
-from peftbench.task_file import TASK_FILE, read_task
+from peftbench.records.results import RESULTS, read_results
+from peftbench.records.task_file import TASK_FILE, read_task
 from peftbench.train import build
 
 

@@ -23,7 +23,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from peftbench.accounting import parameter_report
-from peftbench.callbacks import EvalHistory, LastCheckpoint, MethodHooks
 from peftbench.compose import (
     CONFIG_DIR,
     build_parts,
@@ -38,13 +37,14 @@ from peftbench.compose import (
 from peftbench.console import quiet_third_party, rank_zero, say
 from peftbench.data.datamodule import VisionDataModule
 from peftbench.errors import ConfigError, PeftbenchError, TrainingDiverged, user_error
-from peftbench.guard import CHECKPOINT, Interrupted, claim, signals_ignored, signals_raise
-from peftbench.loggers import abort as abort_logging
-from peftbench.loggers import finish
-from peftbench.loggers import start as start_logging
-from peftbench.module import PEFTModule
-from peftbench.results import RESULTS, append_index, latest_by_key, write_json_atomic
-from peftbench.task_file import TASK_FILE, save_task
+from peftbench.records.guard import CHECKPOINT, Interrupted, claim, signals_ignored, signals_raise
+from peftbench.records.results import RESULTS, append_index, latest_by_key, write_json_atomic
+from peftbench.records.task_file import TASK_FILE, save_task
+from peftbench.training.callbacks import EvalHistory, LastCheckpoint, MethodHooks
+from peftbench.training.loggers import abort as abort_logging
+from peftbench.training.loggers import finish
+from peftbench.training.loggers import start as start_logging
+from peftbench.training.module import PEFTModule
 
 
 def overrides() -> list[str]:
@@ -260,9 +260,10 @@ def check_trained(trainer: L.Trainer, module: PEFTModule) -> None:
 def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run ``cfg`` in ``run_dir`` and always leave a results.json plus an index line behind.
 
-    The folder is claimed first (:func:`peftbench.guard.claim`): one process at a time, never over a finished run.
+    The folder is claimed first (:func:`peftbench.records.guard.claim`): one process at a time, never over a finished
+    run.
     results.json says ``running`` from the start (with the key and overrides), then ``ok``, ``failed`` or
-    ``interrupted`` (SIGTERM / SIGINT: :class:`~peftbench.guard.Interrupted` is re-raised for the exit code).
+    ``interrupted`` (SIGTERM / SIGINT: :class:`~peftbench.records.guard.Interrupted` is re-raised for the exit code).
     A resume of a finished run returns its record without running anything.
     """
     record_choices(cfg)

@@ -149,11 +149,11 @@ def throughput_callback(warmup: int, timed: int, barrier=None):
 
 def train_once(method: str, settings: dict, extra: list[str] = (), barrier=None, evaluate: bool = True) -> dict:
     """Train ``method`` for warm-up + timed steps in this process; return its rates, memory and timings."""
-    from peftbench.callbacks import MethodHooks
     from peftbench.compose import compose_config, instantiate_group
     from peftbench.data.datamodule import VisionDataModule
     from peftbench.data.resident import split_bytes
     from peftbench.train import build
+    from peftbench.training.callbacks import MethodHooks
 
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
@@ -260,7 +260,7 @@ def machine(device: torch.device) -> str:
 
 def projection(report: dict) -> dict:
     """SPT Table 1's LoRA row from the measured LoRA rates: one run at a time, N at once (the best N), compiled."""
-    from peftbench.bench import compose, moonshot
+    from peftbench.bench.run import compose, moonshot
 
     spec = compose(["bench=gpu"]).bench.moonshot
     dtype = str(spec.dtype)

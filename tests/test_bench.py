@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from peftbench.bench import check_targets, jobs, markdown, moonshot, pipeline_jobs, run_bench, wrappers
+from peftbench.bench.run import check_targets, jobs, markdown, moonshot, pipeline_jobs, run_bench, wrappers
 from peftbench.compose import compose_config
 from peftbench.methods.base import prepare_model, unwrap
 

@@ -22,7 +22,7 @@ from peftbench.compose import compose_config
 from peftbench.data.base import NORMALIZE
 from peftbench.errors import PeftbenchError
 from peftbench.export import evaluate, load_task, main
-from peftbench.task_file import TASK_FILE
+from peftbench.records.task_file import TASK_FILE
 from peftbench.train import execute
 from tests.helpers import TEST_CONF, TINY
 
@@ -141,7 +141,7 @@ def test_cli_check_and_missing_task_file(lora_run, exported, tmp_path, capsys):
 def test_a_method_that_is_not_lora_nor_reparameterisable_keeps_its_wrappers(tmp_path):
     """VPT: no merged model and no peft adapter (the output says why); peftbench.load gives the wrapped model."""
     from peftbench.export import export_artefacts
-    from peftbench.task_file import save_task
+    from peftbench.records.task_file import save_task
     from peftbench.train import build
 
     cfg = compose_config(TINY + ["method=vpt_shallow", f"paths.output_dir={tmp_path}/outputs"])

@@ -1,4 +1,5 @@
-"""Per-head attention outputs (peftbench.heads) against a manual softmax(q k^T / sqrt(D)) v, fused on and off."""
+"""Per-head attention outputs (peftbench.backbones.heads) against a manual softmax(q k^T / sqrt(D)) v, fused on and
+off."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from peftbench.backbones import anatomy
-from peftbench.heads import capture_heads, head_outputs
+from peftbench.backbones.heads import capture_heads, head_outputs
 
 
 def tiny_vit() -> VisionTransformer:

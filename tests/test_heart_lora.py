@@ -191,7 +191,7 @@ def test_end_to_end_and_resume(tmp_path):
 
 
 def test_frozen_bit_identical_and_dead_heads_stay_zero_while_training():
-    from peftbench.callbacks import carry_optimizer_state
+    from peftbench.training.callbacks import carry_optimizer_state
 
     model, method, state = adapted(ne=1, granularity="layer")
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -262,7 +262,7 @@ def test_vit_b16_ne3_trains_and_stores_only_the_active_heads():
     12 heads the q and v B rows of those heads are gone: 147,456 (A) + 9/12 x 147,456 (B) = 258,048."""
     from peftbench.accounting import backbone_size, parameter_report
     from peftbench.backbones.build import build_backbone
-    from peftbench.task_file import task_tensors
+    from peftbench.records.task_file import task_tensors
 
     torch.manual_seed(0)
     model = build_backbone("vit_b16", num_classes=10, timm_name="vit_base_patch16_224", pretrained=False)
@@ -294,7 +294,7 @@ def test_run_counts_stores_and_reports_only_after_deactivation(tmp_path, monkeyp
     protocol=paper: results.json counts the active parameters, task.pt and the checkpoint hold no deactivated rows
     (so they cannot drift under AdamW), and the reported maximum ignores the warm-up epoch (known accuracies 0.9,
     0.5, 0.6: 0.6, not 0.9)."""
-    from peftbench.callbacks import EvalHistory
+    from peftbench.training.callbacks import EvalHistory
 
     fake = FakeEvaluations({0: 0.9, 1: 0.5, 2: 0.6})
     monkeypatch.setattr(EvalHistory, "on_validation_epoch_end", lambda self, t, m: fake(self, t, m))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 
-from peftbench.results import read_index
+from peftbench.records.results import read_index
 from peftbench.tables import cli as tables_cli
 from tests.helpers import TINY
 from tests.test_cli import cli

@@ -1,4 +1,4 @@
-"""``python -m peftbench.plot adapters``: TINA's neurons-per-adapter and accuracy-vs-parameters figures."""
+"""``python -m peftbench.plots adapters``: TINA's neurons-per-adapter and accuracy-vs-parameters figures."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from peftbench import plot
+from peftbench.plots import cli as plot
 
 
 def tina_record(tmp_path):

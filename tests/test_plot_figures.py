@@ -1,4 +1,4 @@
-"""``python -m peftbench.plot sensitivity|cdra|heads``: figures from real score files and run dirs.
+"""``python -m peftbench.plots sensitivity|cdra|heads``: figures from real score files and run dirs.
 
 Score files come from :func:`peftbench.score.score` in-process on the tiny random-weight micro ViT (tests/helpers.py
 TINY) with 16 scoring images; the numbers each figure plots are checked against the saved selection, counted
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from peftbench import plot
 from peftbench.plots import cdra as cdra_plot
+from peftbench.plots import cli as plot
 from peftbench.plots import heads as heads_plot
 from peftbench.plots import sensitivity as sens_plot
 from peftbench.plots.common import TYPES, split_matrix_key
@@ -202,7 +202,7 @@ def test_heart_lora_heads_from_a_run_dir(tmp_path):
 def test_bad_inputs_are_one_clear_line(tmp_path, command, make, message):
     with pytest.raises(SystemExit, match=message) as err:
         plot.main([command, str(make(tmp_path))])
-    assert str(err.value).startswith("peftbench.plot: ") and "\n" not in str(err.value)
+    assert str(err.value).startswith("peftbench.plots: ") and "\n" not in str(err.value)
 
 
 def test_wrong_kind_of_score_file(scored, tmp_path):
@@ -222,13 +222,13 @@ def test_wrong_kind_of_score_file(scored, tmp_path):
 def test_command_line_exit_status_and_message(tmp_path):
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(
-        [sys.executable, "-m", "peftbench.plot", "ne", str(tmp_path / "index.jsonl")],
+        [sys.executable, "-m", "peftbench.plots", "ne", str(tmp_path / "index.jsonl")],
         cwd=root,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode != 0
-    assert done.stderr.strip() == f"peftbench.plot: {tmp_path / 'index.jsonl'}: no such results index; " + (
+    assert done.stderr.strip() == f"peftbench.plots: {tmp_path / 'index.jsonl'}: no such results index; " + (
         "runs append to <paths.output_dir>/index.jsonl"
     )

@@ -1,4 +1,4 @@
-"""``python -m peftbench.plot ne|params|compression``: figures over the results index, on synthetic records."""
+"""``python -m peftbench.plots ne|params|compression``: figures over the results index, on synthetic records."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from peftbench import plot
+from peftbench.plots import cli as plot
 from peftbench.plots import sweeps
 from peftbench.plots.common import index_records
 
@@ -112,7 +112,7 @@ def test_compression_sigma_of_tina_and_adapter_runs(tmp_path, capsys):
 @pytest.mark.parametrize("command", ["ne", "params", "compression"])
 def test_an_index_without_matching_runs_is_a_clear_error(tmp_path, command):
     index = write(tmp_path / "index.jsonl", [record("heart_lora", "a", ["method.ne=1"], 0.5, status="failed")])
-    with pytest.raises(SystemExit, match=rf"^peftbench.plot: {index}: no ok") as err:
+    with pytest.raises(SystemExit, match=rf"^peftbench.plots: {index}: no ok") as err:
         plot.main([command, str(index), "--group", "g"])
     assert "group 'g'" in str(err.value)
     with pytest.raises(SystemExit, match="no such results index"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftbench import fractals, pretrain
+from peftbench.pretrain import fractals, pretrain
 
 
 def test_categories_deterministic_and_filled() -> None:

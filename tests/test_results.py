@@ -8,8 +8,8 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from peftbench.results import append_index, read_index, write_json_atomic
-from peftbench.schedulers import cosine_with_warmup
+from peftbench.records.results import append_index, read_index, write_json_atomic
+from peftbench.training.schedulers import cosine_with_warmup
 
 
 class Unserialisable:

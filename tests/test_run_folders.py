@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from peftbench.results import append_index, read_index
+from peftbench.records.results import append_index, read_index
 from tests.helpers import TINY, train_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +83,7 @@ def test_a_resume_with_other_overrides_is_refused(tmp_path):
 
 def test_a_folder_in_use_is_refused(tmp_path):
     from peftbench.errors import PeftbenchError
-    from peftbench.guard import claim
+    from peftbench.records.guard import claim
 
     with claim(tmp_path / "run", "k", resume=False):
         with pytest.raises(PeftbenchError, match="in use by another peftbench process"):

@@ -19,7 +19,7 @@ import yaml
 from peftbench.compose import compose_config, config_from_file
 from peftbench.errors import PeftbenchError
 from peftbench.export import load_task, main
-from peftbench.task_file import TASK_FILE
+from peftbench.records.task_file import TASK_FILE
 from peftbench.train import execute
 from tests.helpers import TEST_CONF, TINY
 
@@ -114,8 +114,9 @@ def test_a_target_swapped_for_another_peftbench_target_is_refused(finished_run):
     """Even a target inside peftbench is refused where conf/ puts another one (it would run with file values)."""
     payload = torch.load(finished_run / TASK_FILE, weights_only=True)
     config = yaml.safe_load(payload["config"])
-    config["method"]["_target_"] = "peftbench.results.write_json_atomic"
-    with pytest.raises(PeftbenchError, match=r"method._target_ = 'peftbench.results.write_json_atomic' is refused"):
+    config["method"]["_target_"] = "peftbench.records.results.write_json_atomic"
+    refused = r"method._target_ = 'peftbench.records.results.write_json_atomic' is refused"
+    with pytest.raises(PeftbenchError, match=refused):
         config_from_file(yaml.safe_dump(config), "test file", [TEST_CONF])
 
 

@@ -13,11 +13,11 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from peftbench.callbacks import LastCheckpoint
 from peftbench.compose import compose_config
 from peftbench.errors import ConfigError, TrainingDiverged
-from peftbench.module import PEFTModule, fused_option
 from peftbench.train import build, execute, spread_device
+from peftbench.training.callbacks import LastCheckpoint
+from peftbench.training.module import PEFTModule, fused_option
 from tests.helpers import TINY
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from peftbench.compose import compose_config, config_key
-from peftbench.results import latest_by_key, read_index, run_key
+from peftbench.records.results import latest_by_key, read_index, run_key
 from tests.helpers import TINY
 from tests.test_cli import cli
 
@@ -44,7 +44,7 @@ def test_run_key_ignores_paths_logger_group_and_spelling():
 
 
 def test_latest_by_key_never_replaces_ok_with_a_later_failure(tmp_path):
-    from peftbench.results import append_index
+    from peftbench.records.results import append_index
 
     index = tmp_path / "index.jsonl"
     append_index(index, {"key": "k", "status": "ok", "run_dir": "a"})

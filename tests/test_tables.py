@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from peftbench.compose import compose_config, config_key
-from peftbench.results import read_index
+from peftbench.records.results import read_index
 from peftbench.tables import cli
 from peftbench.tables.launch import sweeps
 from peftbench.tables.plan import Composer, Outcome, Run, common_overrides, format_value, grid_of, resolve_final, select

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from peftbench.backbones.build import build_backbone
-from peftbench.callbacks import carry_optimizer_state
 from peftbench.compose import compose_config
 from peftbench.layers.adapter import SequentialAdapter
 from peftbench.methods.base import prepare_model
@@ -27,6 +26,7 @@ from peftbench.methods.tina import (
     select_local,
 )
 from peftbench.train import build, execute
+from peftbench.training.callbacks import carry_optimizer_state
 from tests.helpers import TINY, full_state_overrides
 
 ARCH = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0}
@@ -358,7 +358,7 @@ def test_lr_restarts_every_cycle_and_cycles_record_test_accuracy(tmp_path, resta
 
 
 def test_schedule_with_restarts_repeats_the_scaled_schedule():
-    from peftbench.schedulers import cosine_with_warmup
+    from peftbench.training.schedulers import cosine_with_warmup
 
     def factors(**kw) -> list[float]:
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -425,7 +425,7 @@ def test_eq2_as_printed_ranks_unlike_i0_across_hidden_widths():
 def test_every_cycle_warms_up_for_its_first_fifth_at_paper_scale():
     """The README's command (500 epochs, 100-epoch cycles, VTAB recipe warm-up 10 epochs): every cycle is 20
     warm-up + 80 cosine epochs as in the paper, not the fit's share 10 / 500 (2 + 98)."""
-    from peftbench.schedulers import cosine_with_warmup
+    from peftbench.training.schedulers import cosine_with_warmup
 
     width = {f"s{i}": 768 for i in range(24)}
     state = {"width": width, "initial": dict.fromkeys(width, 24), "neurons": dict.fromkeys(width, 24), "cycles": []}
@@ -513,7 +513,7 @@ def test_table_rows_prune_once_every_100_epochs(table, rows, paper, smoke):
 def test_protocol_paper_reports_the_last_cycle_only(tmp_path, monkeypatch):
     """protocol=paper takes the maximum over the last cycle (epochs 2-3 here), never an earlier, larger cycle:
     evaluations are replaced by a known sequence whose overall maximum lies in the first cycle."""
-    from peftbench.callbacks import EvalHistory
+    from peftbench.training.callbacks import EvalHistory
 
     fake = {0: 0.9, 1: 0.8, 2: 0.5, 3: 0.6}
 

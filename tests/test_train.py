@@ -10,7 +10,7 @@ import torch
 
 from peftbench.compose import compose_config
 from peftbench.errors import PeftbenchError, TrainingDiverged
-from peftbench.results import read_index
+from peftbench.records.results import read_index
 from peftbench.train import build, execute
 from tests.helpers import TINY, full_state_overrides
 

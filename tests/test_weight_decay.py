@@ -14,7 +14,7 @@ from peftbench.compose import compose_config
 from peftbench.errors import PeftbenchError
 from peftbench.layers.base import BaseLayerWrapper
 from peftbench.methods.base import prepare_model
-from peftbench.module import PEFTModule
+from peftbench.training.module import PEFTModule
 
 METHODS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "method").glob("*.yaml"))
 #: parameter-name parts that are factors or sparse entries of a weight matrix (the reference, by name)

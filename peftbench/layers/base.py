@@ -2,7 +2,8 @@
 
 Every tuner module declares the role of each parameter it adds (``param_roles``): ``matrix`` when it holds entries
 of a weight matrix (LoRA / adapter factors, sparse deltas of a weight), ``vector`` for biases, norms and sparse
-deltas of those, ``token`` for tokens and prompts. :mod:`peftbench.weight_decay` decays exactly the ``matrix`` ones.
+deltas of those, ``token`` for tokens and prompts. :mod:`peftbench.training.weight_decay` decays exactly the
+``matrix`` ones.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ Methods that change only existing weights (reparameterisable) implement merge/un
 ``merge()``/``unmerge()``; :func:`merge` and :func:`unmerge` here walk the model for them.
 
 Methods that act during training (warm-up then deactivate heads, iterative pruning) implement the training hooks
-below; one generic callback (:class:`peftbench.callbacks.MethodHooks`) calls them and owns everything Lightning:
+below; one generic callback (:class:`peftbench.training.callbacks.MethodHooks`) calls them and owns everything
+Lightning:
 
 - ``on_epoch_start(model, state, ctx) -> new state | None``: decide what changes before epoch ``ctx.epoch``
   (score, choose); leave the model as found. ``None``: nothing changes.

@@ -240,14 +240,14 @@ class HeartLoRA(Method):
         """Score, choose and deactivate in one go, recording the choice in ``state`` (in place; outside a fit).
 
         Returns the replaced B parameters (see :func:`deactivate_heads`): an optimizer holding the old ones must be
-        rebuilt (:func:`peftbench.callbacks.carry_optimizer_state`).
+        rebuilt (:func:`peftbench.training.callbacks.carry_optimizer_state`).
         """
         new = self.choose_heads(model, state, batches)
         mapping = deactivate_heads(model, new["deactivated"])
         state.update(new)
         return mapping
 
-    # --- training hooks (driven by peftbench.callbacks.MethodHooks) --------------------------------------------
+    # --- training hooks (driven by peftbench.training.callbacks.MethodHooks) ----------------------------------------
     def on_epoch_start(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
         """At the start of epoch ``warmup_epochs`` (once; resume-safe): score the heads and choose."""
         if state.get("selected") or ctx.epoch < self.warmup_epochs:

@@ -4,7 +4,7 @@ but Mighty", arXiv:2311.03873): Houlsby adapters after MSA and MLP, iteratively 
 Every block gets a sequential bottleneck adapter after attention (wrapping ``proj``) and after the MLP (wrapping
 ``fc2``), of hidden width n_i = round(m_i / sigma0) (or a fixed ``n0``). Training runs in cycles inside ONE
 Lightning fit; at each cycle boundary (an epoch start) the training hooks (:meth:`Tina.on_epoch_start`,
-:meth:`Tina.update`, driven by :class:`peftbench.callbacks.MethodHooks`) score every hidden neuron, remove
+:meth:`Tina.update`, driven by :class:`peftbench.training.callbacks.MethodHooks`) score every hidden neuron, remove
 the lowest-scored ones and really shrink the adapters' Linear layers (survivors keep their weights and their AdamW
 state; adapters left without neurons are removed); the callback then rebuilds the optimizer and scheduler.
 
@@ -398,7 +398,7 @@ class Tina(Adapter):
             return select_local(scores, {k: min(target[k], len(s)) for k, s in scores.items()})
         return select_global(scores, min(int(target), sum(len(s) for s in scores.values())), self.normalize)
 
-    # --- training hooks (driven by peftbench.callbacks.MethodHooks) --------------------------------------------
+    # --- training hooks (driven by peftbench.training.callbacks.MethodHooks) ----------------------------------------
     def on_epoch_start(self, model: nn.Module, state: State, ctx: TrainingContext) -> State | None:
         """At a cycle start: close the cycle that just ended (record, test accuracy) and, while Alg. 1 still has
         prunes to do, choose the next one. The chosen neurons travel in the new state's ``pending_prune``

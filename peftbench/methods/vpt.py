@@ -51,7 +51,7 @@ class Prompts(nn.Module):
         dropout: dropout on the prompts.
     """
 
-    param_roles = {"vpt_prompts": TOKEN}  # tokens: no weight decay (peftbench.weight_decay)
+    param_roles = {"vpt_prompts": TOKEN}  # tokens: no weight decay (peftbench.training.weight_decay)
 
     def __init__(self, layers: int, tokens: int, dim: int, prefix: int, init_range: float, dropout: float) -> None:
         super().__init__()

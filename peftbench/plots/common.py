@@ -1,6 +1,6 @@
 """What every figure shares: clear one-line errors, loading score files, run dirs and the results index, saving.
 
-Errors: :func:`fail` raises ``SystemExit("peftbench.plot: <file>: <what is wrong and what to do>")``, so the
+Errors: :func:`fail` raises ``SystemExit("peftbench.plots: <file>: <what is wrong and what to do>")``, so the
 command prints one line to stderr and exits with status 1.
 """
 
@@ -17,15 +17,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from peftbench.results import read_index  # noqa: E402
+from peftbench.records.results import read_index  # noqa: E402
 
-PREFIX = "peftbench.plot"
+PREFIX = "peftbench.plots"
 #: matrix types of a ViT block in figure order; ``o`` is the attention output projection (``proj``)
 TYPES = ("q", "k", "v", "o", "fc1", "fc2")
 
 
 def fail(path: Path | str, message: str) -> NoReturn:
-    """Stop with ``peftbench.plot: <path>: <message>`` (exit status 1)."""
+    """Stop with ``peftbench.plots: <path>: <message>`` (exit status 1)."""
     raise SystemExit(f"{PREFIX}: {path}: {message}")
 
 

@@ -2,7 +2,3 @@
 
 Every scorer leaves the model exactly as it found it (see :class:`~peftbench.scorers.base.Pristine`).
 """
-
-from peftbench.scorers.base import Pristine, matrix_key, split_key
-
-__all__ = ["Pristine", "matrix_key", "split_key"]

@@ -102,17 +102,6 @@ def scored_candidates(
     return matrices, vectors
 
 
-def split_key(key: str) -> tuple[str, str | None]:
-    """``"a.qkv.weight:q"`` -> (``"a.qkv.weight"``, ``"q"``); plain parameter names -> (name, None)."""
-    name, _, part = key.partition(":")
-    return name, part or None
-
-
-def matrix_rows(block: anatomy.BlockView, target: str) -> torch.Tensor | None:
-    """Rows of the holding weight that ``target`` owns (None = all rows)."""
-    return block.rows(target)
-
-
 def top_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly ``k`` largest entries of ``flat`` (N,); ties broken by position (deterministic)."""
     k = min(k, flat.numel())

@@ -1,7 +1,7 @@
 """HiFi's head importance (Gui & Xiao, "HiFi: High-Information Attention Heads Hold for Parameter-Efficient
 Model Adaptation", ACL 2023; Eq. 1-10, Alg. 1-2), applied to ViT heads (the paper is NLP-only).
 
-Per block (layer), from the per-head outputs O_h(x) (N x D, tokens x head width; :mod:`peftbench.heads`):
+Per block (layer), from the per-head outputs O_h(x) (N x D, tokens x head width; :mod:`peftbench.backbones.heads`):
 
 * Information richness (Eq. 2-3): I_h(x) = smallest t with sum_{i<=t} sigma_i / sum_j sigma_j >= xi over the
   singular values of O_h(x); I_h = mean over the n scoring samples. Batched ``torch.linalg.svdvals``.
@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from peftbench.backbones import anatomy
+from peftbench.backbones.heads import capture_heads
 from peftbench.errors import ConfigError
-from peftbench.heads import capture_heads
 from peftbench.scorers.base import Pristine
 
 TELEPORTS = ("uniform", "information")

@@ -8,7 +8,3 @@
   CSV, LaTeX, cells.json and W&B renderings.
 - :mod:`peftbench.tables.cli`: the command line.
 """
-
-from peftbench.tables.spec import SCALES, Spec, SpecError, layout, list_specs, load_spec
-
-__all__ = ["SCALES", "Spec", "SpecError", "layout", "list_specs", "load_spec"]

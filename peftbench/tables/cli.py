@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from peftbench.errors import PeftbenchError
-from peftbench.results import latest_by_key
+from peftbench.records.results import latest_by_key
 from peftbench.tables.launch import run_all, sweeps
 from peftbench.tables.plan import Composer, Outcome, check_composes, plan_rows, resolve_final, select
 from peftbench.tables.render import (

@@ -395,7 +395,7 @@ def cells_json(
 
 
 def write_outputs(out_dir: Path, md: str, csv_: str, tex: str, cells: dict[str, Any]) -> None:
-    from peftbench.results import write_json_atomic
+    from peftbench.records.results import write_json_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "table.md").write_text(md)

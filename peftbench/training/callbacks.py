@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peftbench.methods.base import ParamMap, TrainingContext
 
 if TYPE_CHECKING:
-    from peftbench.module import PEFTModule
+    from peftbench.training.module import PEFTModule
 
 
 class LastCheckpoint(L.Callback):

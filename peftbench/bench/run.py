@@ -53,8 +53,8 @@ from peftbench.compose import build_task, compose_config, instantiate_group
 from peftbench.data.base import NORMALIZE
 from peftbench.errors import PeftbenchError
 from peftbench.methods.base import prepare_model, unwrap
-from peftbench.task_file import save_task
-from peftbench.weight_decay import parameter_groups
+from peftbench.records.task_file import save_task
+from peftbench.training.weight_decay import parameter_groups
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: modules the fork server imports once, so every job starts with them loaded (not this module itself: under
@@ -291,7 +291,7 @@ def _written_bytes() -> int | None:
 
 def measure_pipeline(job: dict) -> dict[str, Any]:
     """One short training run of ``job["overrides"]`` through :func:`peftbench.train.execute` in a temporary
-    folder: steps/s (:class:`~peftbench.callbacks.StepTimer`), bytes written, checkpoint writes."""
+    folder: steps/s (:class:`~peftbench.training.callbacks.StepTimer`), bytes written, checkpoint writes."""
     from peftbench.train import execute  # Lightning: imported in this job's process only
 
     if job.get("threads"):
@@ -300,7 +300,7 @@ def measure_pipeline(job: dict) -> dict[str, Any]:
         timer = Path(tmp) / "steps.json"
         cfg = compose_config([
             *job["overrides"], f"paths.output_dir={tmp}/outputs",
-            f"+callbacks.bench_timer={{_target_: peftbench.callbacks.StepTimer, path: '{timer}', "
+            f"+callbacks.bench_timer={{_target_: peftbench.training.callbacks.StepTimer, path: '{timer}', "
             f"skip_epochs: {int(job['skip_epochs'])}}}",
         ])
         before = _written_bytes()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from peftbench.errors import PeftbenchError
-from peftbench.results import RESULTS
+from peftbench.records.results import RESULTS
 
 LOCK_FILE = ".peftbench.lock"
 CHECKPOINT = Path("checkpoints") / "last.ckpt"

@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from peftbench.console import say
 from peftbench.errors import PeftbenchError, TrainingDiverged
 from peftbench.methods.base import Method, State, prepare_model
-from peftbench.weight_decay import parameter_groups
+from peftbench.training.weight_decay import parameter_groups
 
 
 class PEFTModule(L.LightningModule):
@@ -201,7 +201,7 @@ class PEFTModule(L.LightningModule):
     # --- optimisation ------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
         """Trainable parameters split by role: weight-matrix entries decayed, the rest (biases, norms, tokens) not
-        (:func:`peftbench.weight_decay.parameter_groups`)."""
+        (:func:`peftbench.training.weight_decay.parameter_groups`)."""
         return parameter_groups(self.model)
 
     def configure_optimizers(self):

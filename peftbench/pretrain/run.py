@@ -1,6 +1,6 @@
 """Pre-train the embedded backbone ``vit_micro`` on FractalDB-style fractals, and linear-probe it.
 
-``python -m peftbench.pretrain`` renders random IFS fractal categories (:mod:`peftbench.fractals`; fresh
+``python -m peftbench.pretrain`` renders random IFS fractal categories (:mod:`peftbench.pretrain.fractals`; fresh
 instances every epoch), trains the ViT for ``--steps`` optimizer steps (default: the shipped recipe, bit-for-bit
 reproducible given the seed) or, with ``--minutes M``, for as many steps as fit M minutes on this machine
 (timed on the first steps), with AdamW, warm-up + cosine and label smoothing; then writes
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from peftbench import fractals
 from peftbench.backbones import anatomy, vit_micro
 from peftbench.errors import WeightsError
+from peftbench.pretrain import fractals
 
 NAME = vit_micro.NAME
 #: the registered timm model's pretrained config: input size and normalisation (ImageNet statistics on [0, 1] RGB)
@@ -143,7 +143,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                          **vit_micro.ARGS},
         "normalization": {"mean": MEAN.flatten().tolist(), "std": STD.flatten().tolist()},
         "source": {
-            "kind": "FractalDB-style IFS fractals (peftbench.fractals)",
+            "kind": "FractalDB-style IFS fractals (peftbench.pretrain.fractals)",
             "categories": args.categories,
             "images_per_category_per_epoch": args.per_category,
             "fresh_instances_every_epoch": True,

@@ -1,4 +1,4 @@
-"""Figures from score files, runs and the results index: ``python -m peftbench.plot <subcommand> ...``.
+"""Figures from score files, runs and the results index: ``python -m peftbench.plots <subcommand> ...``.
 
 Subcommands (each writes PNGs into ``--out``, default beside its input, and prints their paths):
     adapters <run_dir>: TINA Fig. 4 (neurons per adapter per cycle, ``tina_neurons.png``) and Fig. 5 (accuracy vs
@@ -14,7 +14,7 @@ Subcommands (each writes PNGs into ``--out``, default beside its input, and prin
     compression <index>: TINA Fig. 3, accuracy against compression sigma, TINA vs adapters (``compression.png``).
 
 The figure code lives in :mod:`peftbench.plots` (one module per figure family, data extraction separate from
-drawing). Bad input stops with one line, ``peftbench.plot: <file>: <what is wrong and what to do>``, exit status 1.
+drawing). Bad input stops with one line, ``peftbench.plots: <file>: <what is wrong and what to do>``, exit status 1.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def __getattr__(name: str) -> Any:
 
 def parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    top = argparse.ArgumentParser(prog="python -m peftbench.plot", description=__doc__.splitlines()[0])
+    top = argparse.ArgumentParser(prog="python -m peftbench.plots", description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_: str, inputs: str, many: bool = False) -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Pre-training of the embedded backbone ``vit_micro`` on synthetic fractals: ``python -m peftbench.pretrain``."""

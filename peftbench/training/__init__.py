@@ -1,0 +1,1 @@
+"""The Lightning side of a run: the module that trains, its callbacks, the schedule, the loggers, weight decay."""
