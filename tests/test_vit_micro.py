@@ -14,12 +14,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
-from peftbench import pretrain
 from peftbench.backbones import anatomy, build_backbone, vit_micro
 from peftbench.backbones.checkpoint import load_checkpoint
 from peftbench.data.base import NORMALIZE
 from peftbench.errors import WeightsError
 from peftbench.plots import sweeps
+from peftbench.pretrain import run as pretrain
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 ASSET = Path(vit_micro.asset_path())

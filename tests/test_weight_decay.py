@@ -9,11 +9,12 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from peftbench import bench, weight_decay
 from peftbench.compose import compose_config
 from peftbench.errors import PeftbenchError
 from peftbench.layers.base import BaseLayerWrapper
 from peftbench.methods.base import prepare_model
+from peftbench.bench import run as bench
+from peftbench.training import weight_decay
 from peftbench.training.module import PEFTModule
 
 METHODS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "method").glob("*.yaml"))

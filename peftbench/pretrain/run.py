@@ -38,7 +38,7 @@ _CFG = timm.models.get_pretrained_cfg(NAME)
 IMAGE_SIZE = _CFG.input_size[-1]
 MEAN = torch.tensor(_CFG.mean).view(1, 3, 1, 1)
 STD = torch.tensor(_CFG.std).view(1, 3, 1, 1)
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(vit_micro.asset_path()).parent  # peftbench/assets: where the registered model finds its weights
 
 
 def build_vit_micro(num_classes: int = 0) -> VisionTransformer:
