@@ -82,6 +82,7 @@ def test_tiny_bench(tmp_path):
     }
     with open_dict(cfg):
         cfg.bench.runs = [tiny]
+        cfg.bench.pipeline = None  # the pipeline rows have their own test below
         cfg.bench.update(warmup_steps=2, timed_steps=3, latency_rounds=2, threads=1, timeout_s=120)
     report = run_bench(cfg)
     rows = {r["method"]: r for r in report["rows"]}

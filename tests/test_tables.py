@@ -101,6 +101,22 @@ def test_fast_keys_equal_full_composition(composer):
         assert fast == config_key(compose_config([*common, *other, *sets])), (common, other, sets)
 
 
+def test_fast_keys_follow_the_vtab_aliases():
+    """``vtab/cifar100`` is a one-line alias of ``vtab/cifar``: the planner reads through it, and the key it derives
+    is the one Hydra's full composition gives, for every VTAB-1k spelling the tables use."""
+    from peftbench.data.vtab import VTAB_ALIASES
+
+    composer = Composer()
+    common = ["experiment=vtab_paper", "backbone=vit_b16_in21k", "method=lora"]
+    composer.key(common, ["dataset=vtab/dtd"], ["seed=0", "protocol=final"])
+    for alias in sorted(VTAB_ALIASES)[:6]:
+        column = [f"dataset=vtab/{alias}"]
+        before = len(composer._cache)
+        fast = composer.key(common, column, ["seed=1", "protocol=final"])
+        assert len(composer._cache) == before, alias  # derived, not composed again
+        assert fast == config_key(compose_config([*common, *column, "seed=1", "protocol=final"])), alias
+
+
 # --- layout, selection, means ---------------------------------------------------------------------------------------
 def test_layout_at_both_scales():
     spec = load_spec("spt_1")

@@ -9,11 +9,11 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from peftbench.bench import run as bench
 from peftbench.compose import compose_config
 from peftbench.errors import PeftbenchError
 from peftbench.layers.base import BaseLayerWrapper
 from peftbench.methods.base import prepare_model
-from peftbench.bench import run as bench
 from peftbench.training import weight_decay
 from peftbench.training.module import PEFTModule
 

@@ -92,9 +92,8 @@ class Composer:
     ) -> DictConfig:
         cfg = copy.deepcopy(base)
         if cfg._choices_.get("dataset") != option:
-            path = Path(CONFIG_DIR) / "dataset" / f"{option}.yaml"
-            text = path.read_text() if path.exists() else ""
-            if not text or "@package" in text or OmegaConf.create(text).get("defaults") is not None:
+            text = _dataset_text(option)
+            if text is None:
                 return self.compose([*common, f"dataset={option}", *col_values, *sets])
             with open_dict(cfg):
                 cfg.dataset = OmegaConf.create(text)
@@ -139,6 +138,25 @@ class Composer:
             else:
                 OmegaConf.update(cfg, ov.key_or_group, ov.value(), merge=False)
         OmegaConf.to_container(cfg, resolve=True)  # interpolations resolve
+
+
+@functools.lru_cache(maxsize=256)
+def _dataset_text(option: str) -> str | None:
+    """The YAML of ``conf/dataset/<option>.yaml`` when it is plain values, following another spelling's one-line
+    ``defaults: [<option>@_here_]`` to the config it names; None when only Hydra can compose it."""
+    for _ in range(4):  # an alias names a real config; a chain this long is not ours
+        path = Path(CONFIG_DIR) / "dataset" / f"{option}.yaml"
+        text = path.read_text() if path.exists() else ""
+        if not text or "@package" in text:
+            return None
+        loaded = OmegaConf.create(text)
+        defaults = loaded.get("defaults")
+        if defaults is None:
+            return text
+        if len(loaded) != 1 or len(defaults) != 1 or not str(defaults[0]).endswith("@_here_"):
+            return None
+        option = str(defaults[0]).removesuffix("@_here_")
+    return None
 
 
 def _touches_dataset(common: list[str]) -> bool:
