@@ -361,6 +361,20 @@ def test_command_line_options():
     assert opts["extra"] == ["trainer.max_epochs=5"] and opts["tasks"] == ["cifar100", "dtd"]
     with pytest.raises(SpecError, match="unknown Hydra launcher"):
         cli.parse(["spt_1", "launcher=nope"])
+    # the options are conf/tables.yaml composed with Hydra: its defaults, its override syntax, flags as shorthands
+    assert cli.parse(["spt_1"])["scale"] == "smoke" and cli.parse(["spt_1"])["output_dir"] == "outputs"
+    brackets = cli.parse(["name=spt_1", "seeds=[2,3]", "tasks=[dtd]", "dry_run=true", "paths.output_dir=/x"])
+    assert brackets["name"] == "spt_1" and brackets["seeds"] == [2, 3] and brackets["tasks"] == ["dtd"]
+    assert brackets["dry_run"] is True and brackets["output_dir"] == "/x" and brackets["extra"] == []
+    assert cli.parse(["spt_1", "--dry-run", "--render-only"])["render_only"] is True
+    for bad, match in ((["spt_1", "seeds=[0,"], r"^seeds=\[0,: .*Hydra override syntax"),
+                       (["spt_1", "seeds=a,b"], "not a list of integers"),
+                       (["spt_1", "dry_run=maybe"], "dry_run=maybe: not true or false"),
+                       (["spt_1", "scale=huge"], "scale=huge: unknown scale"),
+                       (["spt_1", "dtd"], "one table at a time"),
+                       (["spt_1", "--fast"], "--fast: unknown flag")):
+        with pytest.raises(SpecError, match=match):
+            cli.parse(bad)
 
 
 def test_a_whole_real_table_regenerates_at_smoke_scale(tmp_path):

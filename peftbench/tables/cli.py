@@ -1,6 +1,7 @@
 """``python -m peftbench.tables <name> [scale=smoke|mini|paper] [selection=val|paper] [seeds=0,1,2] [launcher=<name>]
 [logger=wandb] [tasks=<t1>,<t2>] [output_dir=outputs] [<key>=<value> ...] [--render-only] [--dry-run]`` and
-``python -m peftbench.tables --list``.
+``python -m peftbench.tables --list``. The table's options are the keys of ``conf/tables.yaml``, composed with Hydra
+like every entry point's; any other ``key=value`` goes to the runs.
 
 Regenerates a paper table from its spec: launches the runs that are not ``ok`` in the results index (row by row,
 one Hydra multirun per row and phase), selects per cell, and writes ``<output_dir>/tables/<name>/<scale>/`` with
@@ -45,69 +46,94 @@ from peftbench.tables.spec import (
 USAGE = __doc__
 
 
+#: the command line's flags: shorthands of the boolean keys of ``conf/tables.yaml``
+FLAGS = {"--list": "list=true", "--render-only": "render_only=true", "--dry-run": "dry_run=true"}
+_LISTS = ("seeds", "tasks")  # comma lists without brackets are accepted: seeds=0,1,2
+
+
 def parse(argv: list[str]) -> dict[str, Any]:
-    opts: dict[str, Any] = {
-        "name": None,
-        "scale": "smoke",
-        "selection": "val",
-        "seeds": None,
-        "launcher": None,
-        "logger": None,
-        "tasks": None,
-        "output_dir": "outputs",
-        "extra": [],
-        "list": False,
-        "render_only": False,
-        "dry_run": False,
-        "hydra": [],
-    }
+    """Split ``argv`` into the table's options (composed from ``conf/tables.yaml``), overrides for every run
+    (``extra``) and launcher settings for the sweeps (``hydra``); one-line :class:`SpecError` for bad input."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from peftbench.compose import CONFIG_DIR, compose_config
+
+    own_keys = set(OmegaConf.load(Path(CONFIG_DIR) / "tables.yaml"))
+    own: list[str] = []
+    extra: list[str] = []
+    hydra: list[str] = []
     for arg in argv:
         if arg in ("-h", "--help"):
             print(USAGE)
             sys.exit(0)
-        elif arg == "--list":
-            opts["list"] = True
-        elif arg == "--render-only":
-            opts["render_only"] = True
-        elif arg == "--dry-run":
-            opts["dry_run"] = True
+        if arg in FLAGS:
+            own.append(FLAGS[arg])
         elif arg.startswith("-"):
-            raise SpecError(f"{arg}: unknown flag (use --list, --render-only, --dry-run)")
+            raise SpecError(f"{arg}: unknown flag (use {', '.join(FLAGS)}; every other option is key=value)")
         elif "=" not in arg:
-            if opts["name"] is not None:
-                raise SpecError(f"{arg}: one table at a time (got {opts['name']} already)")
-            opts["name"] = arg
+            if any(o.startswith("name=") for o in own):
+                raise SpecError(f"{arg}: one table at a time (got {own[0].split('=', 1)[1]} already)")
+            own.insert(0, f"name={arg}")
         else:
             key, value = arg.split("=", 1)
-            if key == "scale":
-                if value not in SCALES:
-                    raise SpecError(f"scale={value}: unknown scale (use {' or '.join(SCALES)})")
-                opts["scale"] = value
-            elif key == "selection":
-                if value not in ("val", "paper"):
-                    raise SpecError(f"selection={value}: unknown (use val or paper)")
-                opts["selection"] = value
-            elif key == "seeds":
-                try:
-                    opts["seeds"] = [int(s) for s in value.split(",") if s != ""]
-                except ValueError as err:
-                    raise SpecError(f"seeds={value}: not a list of integers (e.g. seeds=0,1,2)") from err
-            elif key == "launcher":
-                opts["launcher"] = check_launcher(value)
-            elif key == "tasks":
-                opts["tasks"] = [t for t in value.split(",") if t]
-            elif key in ("output_dir", "paths.output_dir"):
-                opts["output_dir"] = value
-            elif key.lstrip("+").startswith("hydra"):  # launcher settings: for the sweeps only, not the runs' keys
-                opts["hydra"].append(arg)
-            elif key == "logger":
-                opts["logger"] = value
-                opts["extra"].append(arg)
+            if key in _LISTS and "," in value and not value.startswith("["):
+                own.append(f"{key}=[{value}]")
+            elif key in own_keys:
+                own.append(arg)
+            elif key == "paths.output_dir":
+                own.append(f"output_dir={value}")
+            elif key.lstrip("+~").startswith("hydra"):  # launcher settings: for the sweeps only, not the runs' keys
+                hydra.append(arg)
             else:
-                opts["extra"].append(arg)
+                extra.append(arg)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in own:  # name the one that does not parse
+        try:
+            OverridesParser.create().parse_overrides([override])
+        except HydraException as err:
+            raise SpecError(f"{override}: {str(err).strip().splitlines()[0]} (Hydra override syntax)") from err
+    try:
+        cfg = OmegaConf.to_container(compose_config(own, config_name="tables"), resolve=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise SpecError(f"{' '.join(own)}: {str(err).strip().splitlines()[0]}") from err
+    cfg.pop("_choices_", None)
+    opts = _checked(cfg)
+    logger = [a.split("=", 1)[1] for a in extra if a.split("=", 1)[0] == "logger"]
+    opts.update(extra=extra, hydra=hydra, logger=logger[-1] if logger else None)
     if opts["name"] is None and not opts["list"]:
         raise SpecError("no table named (e.g. `python -m peftbench.tables spt_1 scale=smoke`; --list lists them)")
     return opts
+
+
+def _checked(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The composed options, each checked for its type and range."""
+    if cfg["scale"] not in SCALES:
+        raise SpecError(f"scale={cfg['scale']}: unknown scale (use {' or '.join(SCALES)})")
+    if cfg["selection"] not in ("val", "paper"):
+        raise SpecError(f"selection={cfg['selection']}: unknown (use val or paper)")
+    seeds, tasks = cfg["seeds"], cfg["tasks"]
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if seeds is not None and not (isinstance(seeds, list) and all(type(s) is int for s in seeds)):
+        raise SpecError(f"seeds={cfg['seeds']}: not a list of integers (e.g. seeds=0,1,2)")
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if tasks is not None and not (isinstance(tasks, list) and all(isinstance(t, str) and t for t in tasks)):
+        raise SpecError(f"tasks={cfg['tasks']}: not a list of column names (e.g. tasks=cifar100,dtd)")
+    for key in ("dry_run", "render_only", "list"):
+        if not isinstance(cfg[key], bool):
+            raise SpecError(f"{key}={cfg[key]}: not true or false")
+    for key in ("name", "output_dir", "launcher"):
+        if cfg[key] is not None and not isinstance(cfg[key], str):
+            raise SpecError(f"{key}={cfg[key]}: not a name")
+    return {
+        "name": cfg["name"], "scale": cfg["scale"], "selection": cfg["selection"], "seeds": seeds or None,
+        "tasks": tasks or None, "launcher": check_launcher(cfg["launcher"]) if cfg["launcher"] else None,
+        "output_dir": cfg["output_dir"] or "outputs", "list": cfg["list"], "render_only": cfg["render_only"],
+        "dry_run": cfg["dry_run"],
+    }
 
 
 PLUGIN_LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm")
