@@ -509,6 +509,16 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _header(columns: list[str], left: int = 1) -> list[str]:
+    """A Markdown table's header and alignment rows: the first ``left`` columns left-aligned, the rest right."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * left + "---:|" * (len(columns) - left)]
+
+
+def _failed(name: str, error: str, columns: int) -> str:
+    """A failed row: its name, the error's start, empty cells to the table's width."""
+    return f"| {name} | failed: {error[:90]} |" + " |" * (columns - 2)
+
+
 def markdown(report: dict) -> str:
     """The report as Markdown: one table per (backbone, dtype), then the targets and the moonshot."""
     lines = [f"`{report['command']}` on {report['machine']}, {report['date']} ({report['wall_s']:.0f} s in all)", ""]
@@ -519,13 +529,13 @@ def markdown(report: dict) -> str:
         lines += [
             f"**{backbone}, {dtype}**, training batch {first['batch_size']}, inference batch {first['infer_batch']}",
             "",
-            "| method | trainable | task file KB | step ms | step x LoRA | step x full | peak MB | mem x LoRA "
-            "| mem x full | scoring s | infer ms/img plain | unmerged | merged | merged / plain |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *_header(["method", "trainable", "task file KB", "step ms", "step x LoRA", "step x full", "peak MB",
+                      "mem x LoRA", "mem x full", "scoring s", "infer ms/img plain", "unmerged", "merged",
+                      "merged / plain"]),
         ]
         for r in rows:
             if r["status"] != "ok":
-                lines.append(f"| {r['method']} | failed: {r['error'][:90]} |" + " |" * 12)
+                lines.append(_failed(r["method"], r["error"], 14))
                 continue
             p = r["params"]
             lines.append(
@@ -569,13 +579,12 @@ def markdown(report: dict) -> str:
             f"**Training pipeline** (`python -m peftbench.train`'s path: `{' '.join(pipeline[0]['common'])}`; "
             "steps/s with data fetching, first epoch left out; bytes written by the run's process)",
             "",
-            "| variant | resident splits | steps/s | x loader | checkpoint writes | checkpoint MB written "
-            "| task file KB | bytes written per run MB |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            *_header(["variant", "resident splits", "steps/s", "x loader", "checkpoint writes",
+                      "checkpoint MB written", "task file KB", "bytes written per run MB"], left=2),
         ]
         for r in pipeline:
             if r["status"] != "ok":
-                lines.append(f"| {r['variant']} | failed: {r['error'][:90]} |" + " |" * 6)
+                lines.append(_failed(r["variant"], r["error"], 8))
                 continue
             ratio = r["steps_per_s"] / loader["steps_per_s"] if loader and r["steps_per_s"] else None
             written = r["bytes_written"]

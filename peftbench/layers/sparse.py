@@ -108,26 +108,16 @@ class _SparseDelta:
         w.view(-1).index_add_(0, self.sparse_indices, sign * self.sparse_delta.to(w.dtype))
 
 
-class SparseDeltaLinear(_SparseDelta, BaseLayerWrapper):
-    """A frozen nn.Linear plus a trainable delta on ``indices`` (flat indices into its (out, in) weight).
-
-    Args:
-        base_layer: the frozen nn.Linear(in, out).
-        indices: (nnz,) unique flat indices ``row * in + col`` of the tuned entries.
-    """
+class _SparseDeltaWrapper(_SparseDelta, BaseLayerWrapper):
+    """A frozen layer plus ``sparse_delta`` on some entries of its weight; merge folds the delta in place."""
 
     param_roles = {"sparse_delta": MATRIX}
 
-    def __init__(self, base_layer: nn.Linear, indices: torch.Tensor) -> None:
+    def __init__(self, base_layer: nn.Linear | nn.Conv2d, indices: torch.Tensor) -> None:
         super().__init__()
         self.base_layer = base_layer
         self._init_sparse(indices)
         self.merged = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base_layer(x)
-        return self.sparse_linear(x)  # (..., in) -> (..., out)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -143,11 +133,25 @@ class SparseDeltaLinear(_SparseDelta, BaseLayerWrapper):
             self.fold_sparse(-1.0)
             self.merged = False
 
+
+class SparseDeltaLinear(_SparseDeltaWrapper):
+    """A frozen nn.Linear plus a trainable delta on ``indices`` (flat indices into its (out, in) weight).
+
+    Args:
+        base_layer: the frozen nn.Linear(in, out).
+        indices: (nnz,) unique flat indices ``row * in + col`` of the tuned entries.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return self.sparse_linear(x)  # (..., in) -> (..., out)
+
     def extra_repr(self) -> str:
         return f"nnz={self.nnz}, in={self.in_features}, out={self.out_features}"
 
 
-class SparseDeltaConv2d(_SparseDelta, BaseLayerWrapper):
+class SparseDeltaConv2d(_SparseDeltaWrapper):
     """A frozen nn.Conv2d plus a trainable delta on ``indices`` (flat indices into its (out, in, kh, kw) weight).
 
     W = W0 + scatter(delta), then the base conv's own stride / padding / groups. Flat index ``c * in*kh*kw + j`` is
@@ -159,33 +163,11 @@ class SparseDeltaConv2d(_SparseDelta, BaseLayerWrapper):
         indices: (nnz,) unique flat indices of the tuned entries.
     """
 
-    param_roles = {"sparse_delta": MATRIX}
-
-    def __init__(self, base_layer: nn.Conv2d, indices: torch.Tensor) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self._init_sparse(indices)
-        self.merged = False
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
         # (B, in, H, W) -> (B, out, h, w) with the base conv's stride / padding
         return self.base_layer._conv_forward(x, self.sparse_weight(), self.base_layer.bias)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the delta into ``base_layer.weight``."""
-        if not self.merged:
-            self.fold_sparse(1.0)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take the delta out of ``base_layer.weight`` again."""
-        if self.merged:
-            self.fold_sparse(-1.0)
-            self.merged = False
 
     def extra_repr(self) -> str:
         w = self.base_layer.weight
