@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -606,20 +607,19 @@ def run_bench(cfg: DictConfig, command: str = "python -m peftbench.bench") -> di
     if method == "forkserver":
         mp.set_forkserver_preload(PRELOAD)
     context = mp.get_context(method)
-    rows = []
-    for job in jobs(cfg):
-        print(f"peftbench.bench: {job['backbone']} {job['dtype']} {job['method']} ...", file=sys.stderr, flush=True)
-        row = run_job(job, context, float(bench.timeout_s))
-        if row["status"] != "ok":
-            print(f"peftbench.bench:   failed: {row['error']}", file=sys.stderr, flush=True)
-        rows.append(row)
-    pipeline = []
-    for job in pipeline_jobs(cfg):
-        print(f"peftbench.bench: pipeline {job['variant']} ...", file=sys.stderr, flush=True)
-        row = run_job(job, context, float(bench.timeout_s))
-        if row["status"] != "ok":
-            print(f"peftbench.bench:   failed: {row['error']}", file=sys.stderr, flush=True)
-        pipeline.append(row)
+
+    def run_all(todo: list[dict], label: Callable[[dict], str]) -> list[dict]:
+        done = []
+        for job in todo:
+            print(f"peftbench.bench: {label(job)} ...", file=sys.stderr, flush=True)
+            row = run_job(job, context, float(bench.timeout_s))
+            if row["status"] != "ok":
+                print(f"peftbench.bench:   failed: {row['error']}", file=sys.stderr, flush=True)
+            done.append(row)
+        return done
+
+    rows = run_all(jobs(cfg), lambda job: f"{job['backbone']} {job['dtype']} {job['method']}")
+    pipeline = run_all(pipeline_jobs(cfg), lambda job: f"pipeline {job['variant']}")
     add_ratios(rows, dict(cfg.reference))
     device = torch.device(bench.device)
     report = {
