@@ -47,6 +47,7 @@ def _one_line_error(tmp_path: Path, *overrides: str) -> str:
         (["method=hifi", "method.k=99"], "method.k=99: a layer has only 12 heads"),
         (["method=adapter", "method.n=0"], "method.n=0"),
         (["method=adaptformer", "method.n=0"], "method.n=0"),
+        (["method=adaptformer", "method.input=raw"], "method.input='raw': choose block"),
         (["method=vpt_deep", "method.dropout=5"], "method.dropout=5"),
         (["method=gps", "method.k=0"], "k must be >= 1"),
         (["method=child_tuning", "method.p=2"], "p must be in [0, 1]"),

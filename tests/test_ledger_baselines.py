@@ -9,6 +9,7 @@ only shapes matter.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import timm
@@ -148,3 +149,21 @@ def test_tina_lora_counts_are_q_k_lora_plus_the_qkv_bias(swin_t, rank, printed):
     qkv_bias = sum(p.numel() for n, p in model.named_parameters() if n.endswith("qkv.base_layer.bias"))
     assert qkv_bias == 3 * (2 * 96 + 2 * 192 + 6 * 384 + 2 * 768)
     assert report["trainable_backbone"] + report["trainable_head"] + qkv_bias == printed
+
+
+def test_spt_tables_adapter_rows_use_noahs_quick_gelu():
+    """SPT's ADAPTER-k rows follow NOAH's adapter code: QuickGELU x * sigmoid(1.702 x) between down and up."""
+    from omegaconf import OmegaConf
+
+    from peftbench.layers.adapter import Bottleneck
+
+    rows = []
+    for name in ("spt_1", "spt_1_fgvc", "spt_2_mae", "spt_2_mocov3", "spt_3", "spt_6"):
+        spec = OmegaConf.load(Path(__file__).parents[1] / "conf" / "table" / f"{name}.yaml")
+        rows += [row for row in spec.rows if "method=adapter" in row.get("overrides", [])]
+    assert len(rows) == 10
+    assert all("method.act=quick_gelu" in row.overrides for row in rows)
+    x = torch.linspace(-4, 4, 41)
+    act = Bottleneck(8, 4, "quick_gelu").act
+    torch.testing.assert_close(act(x), x * torch.sigmoid(1.702 * x))
+    assert not torch.allclose(act(x), torch.nn.functional.gelu(x), atol=1e-3)  # not the exact GELU

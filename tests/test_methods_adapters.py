@@ -17,7 +17,15 @@ from peftbench.backbones import anatomy
 from peftbench.backbones.build import build_backbone
 from peftbench.compose import compose_config
 from peftbench.layers.adapter import Bottleneck, ParallelAdapter, SequentialAdapter
-from peftbench.layers.binary_lora import GAUSS_1BIT, BinaryLoRALinear, binary_code, decode, pack_bits, unpack_bits
+from peftbench.layers.binary_lora import (
+    GAUSS_1BIT,
+    BinaryLoRALinear,
+    binary_code,
+    decode,
+    pack_bits,
+    ste_binarise,
+    unpack_bits,
+)
 from peftbench.layers.phm import PHMLinear
 from peftbench.methods.adapter import Adapter
 from peftbench.methods.adaptformer import AdaptFormer
@@ -149,24 +157,36 @@ def test_adapter_is_sequential_on_the_sublayer_output():
     assert layer.weight is base.weight and layer.bias is base.bias
 
 
-def test_adaptformer_branch_is_parallel_on_the_mlp_input_and_anatomy_sees_through_it():
+@pytest.mark.parametrize("branch_input", ["block", "norm"])
+def test_adaptformer_branch_is_parallel_to_the_mlp_and_anatomy_sees_through_it(branch_input):
+    """x' = x1 + mlp(norm2(x1)) + s * up(relu(down(b))) with x1 the block's state after attention and b = x1
+    (input=block, the authors' code) or norm2(x1) (input=norm, the paper), checked against an untouched copy."""
     model, x = micro(), torch.randn(2, 17, 48)
+    original = copy.deepcopy(anatomy.blocks(model)[0].module).eval()
     mlps = [b.mlp for b in anatomy.blocks(model)]
-    prepare_model(model, AdaptFormer(n=8, scale=0.1))
+    prepare_model(model, AdaptFormer(n=8, scale=0.1, input=branch_input))
     randomise(model)
     model.eval()
     views = anatomy.blocks(model)
     assert len(views) == 2 and all(isinstance(b.mlp, ParallelAdapter) for b in views)
     block = views[0]
     assert block.mlp.base_layer is mlps[0] and block.linear("fc1") is block.mlp.base_layer.get_submodule("fc1")
+    assert isinstance(block.mlp_norm(), torch.nn.Identity) == (branch_input == "block")
     branch = block.mlp.adapter
-    expected = mlps[0](x) + 0.1 * branch.up(torch.relu(branch.down(x)))
-    torch.testing.assert_close(block.mlp(x), expected, rtol=0, atol=0)
+    x1 = x + original.ls1(original.attn(original.norm1(x)))  # (2, 17, 48)
+    b = x1 if branch_input == "block" else original.norm2(x1)
+    expected = x1 + original.ls2(original.mlp(original.norm2(x1))) + 0.1 * branch.up(torch.relu(branch.down(b)))
+    torch.testing.assert_close(block.module(x), expected, rtol=1e-6, atol=1e-6)
     # replacing fc1 through the wrapper replaces it in the MLP that runs
     zero = torch.nn.Linear(48, 192)
     torch.nn.init.zeros_(zero.weight)
     block.set_linear("fc1", zero)
     assert mlps[0].get_submodule("fc1") is zero and block.linear("fc1") is zero
+
+
+def test_adaptformer_default_branch_input_is_the_authors():
+    assert compose_config(["method=adaptformer"]).method.input == "block"
+    assert AdaptFormer().input == "block"
 
 
 @pytest.mark.parametrize("name", ["adapter", "adaptformer", "compacter", "phm_adapter", "bi_lora_zeros"])
@@ -242,11 +262,40 @@ def test_pack_bits_roundtrip():
     assert torch.equal(unpack_bits(packed, bits.shape), bits)
 
 
-def test_bi_lora_straight_through_gradient():
-    """dL/dA (latent) equals dL/dA_b (binarised factor): the STE is the identity."""
+def authors_qlinear_weight(w: torch.Tensor) -> torch.Tensor:
+    """The authors' 1-bit QLinear weight for ONE matrix, written out as their forward does it (plain reference)."""
+    mean_w, std_w = w.mean(), w.std()
+    z = (w - mean_w) / (std_w + 1e-5)
+    code = GAUSS_1BIT * torch.sign(z.detach())  # their 1-bit quantile code: +-Phi^-1(0.75), threshold 0
+    return (code + z - z.detach()) * std_w + mean_w
+
+
+def test_bi_lora_gaussian_gradient_is_the_authors_through_live_mean_and_std():
+    """Default quantizer: value and gradient equal the authors' QLinear applied matrix by matrix."""
+    torch.manual_seed(0)
+    w = (torch.randn(3, 5, 7) * torch.tensor([0.5, 1.0, 2.0])[:, None, None]).requires_grad_(True)  # (G, a, b)
+    target = torch.randn(3, 5, 7)
+    ours = ste_binarise(w, "gaussian")
+    torch.testing.assert_close(ours, decode(*binary_code(w, "gaussian")), rtol=0, atol=0)  # what pack() stores
+    (ours * target).sum().backward()
+    w_ref = w.detach().clone().requires_grad_(True)
+    reference = torch.stack([authors_qlinear_weight(w_ref[g]) for g in range(3)])
+    (reference * target).sum().backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(w.grad, target, atol=1e-3)  # not the identity STE: the statistics carry gradient
+
+
+def test_bi_lora_default_quantizer_is_the_authors():
+    assert compose_config(["method=bi_lora"]).method.quantizer == "gaussian"
+    assert BiLoRA().quantizer == "gaussian"
+
+
+def test_bi_lora_mean_abs_straight_through_gradient():
+    """mean_abs: dL/dA (latent) equals dL/dA_b (binarised factor): the STE is the identity."""
     torch.manual_seed(0)
     layer = BinaryLoRALinear(torch.nn.Linear(16, 24), rank=4, row_groups=[torch.arange(8), torch.arange(16, 24)],
-                             scale=0.5, dropout=0.0)
+                             scale=0.5, dropout=0.0, quantizer="mean_abs")
     x = torch.randn(6, 16)
     layer(x).pow(2).sum().backward()
     a_b, b_b = (t.detach().clone().requires_grad_(True) for t in layer.binary_factors())

@@ -65,6 +65,14 @@ class BlockView:
         self.module.mlp = new
         self.mlp = new
 
+    def mlp_norm(self) -> nn.Module | None:
+        """The norm in front of the MLP (timm ``norm2``, pre-norm blocks); None when the block has none."""
+        return getattr(self.module, "norm2", None)
+
+    def set_mlp_norm(self, new: nn.Module) -> None:
+        """Replace the norm in front of the MLP (e.g. by nn.Identity when a wrapper applies it itself)."""
+        self.module.norm2 = new
+
     def rows(self, target: str) -> torch.Tensor | None:
         """Output rows of the holding linear that belong to ``target`` (None = all rows)."""
         if target in _QKV_INDEX:

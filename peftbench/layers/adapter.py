@@ -15,12 +15,14 @@ neurons (rows of ``down``, columns of ``up``). Trainable parameters live under t
 from __future__ import annotations
 
 import torch
+from timm.layers import QuickGELU
 from torch import nn
 
 from peftbench.errors import ConfigError
 from peftbench.layers.base import BaseLayerWrapper
 
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
+# quick_gelu: x * sigmoid(1.702 x), the activation of NOAH's adapter (whose numbers SPT's Adapter rows cite)
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU, "relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
 
 
 class Bottleneck(nn.Module):
@@ -29,7 +31,7 @@ class Bottleneck(nn.Module):
     Args:
         n_in: input (and output) width.
         n: hidden width (n >= 0; 0 is an adapter pruned away, which adds only ``up``'s bias).
-        act: one of gelu, relu, silu, identity.
+        act: one of gelu, quick_gelu, relu, silu, identity.
         dropout: dropout on the hidden activations.
         down, up: replacement projections (e.g. PHM layers); the defaults are nn.Linear, ``up`` zero-initialised.
             A replacement ``up`` must itself be zero at init for the identity at step 0.
@@ -89,20 +91,29 @@ class SequentialAdapter(BaseLayerWrapper):
 
 
 class ParallelAdapter(BaseLayerWrapper):
-    """y = base_layer(x) + scale * adapter(x) (AdaptFormer: a branch beside the MLP on the MLP's input).
+    """A branch beside a block's MLP (AdaptFormer):
+
+        y = base_layer(x) + scale * adapter(x)                 pre_norm None: the branch sees the MLP's input
+        y = base_layer(pre_norm(x)) + scale * adapter(x)       pre_norm given: the block's pre-MLP norm moved here
+                                                               (the block's own is an Identity), so the branch
+                                                               sees the un-normalised x, as AdaptFormer's code
 
     Args:
         base_layer: the frozen module (a block's MLP), mapping width C to C = ``adapter.n_in``.
         adapter: the bottleneck.
         scale: s, the branch's multiplier.
+        pre_norm: the block's frozen pre-MLP norm, or None (named so it never shadows timm Mlp's own ``norm``).
     """
 
-    def __init__(self, base_layer: nn.Module, adapter: Bottleneck, scale: float = 0.1) -> None:
+    def __init__(self, base_layer: nn.Module, adapter: Bottleneck, scale: float = 0.1,
+                 pre_norm: nn.Module | None = None) -> None:
         super().__init__()
         self.base_layer, self.adapter, self.scale = base_layer, adapter, float(scale)
+        self.pre_norm = pre_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.scale * self.adapter(x)  # (..., C)
+        h = x if self.pre_norm is None else self.pre_norm(x)  # (..., C): the MLP's input
+        return self.base_layer(h) + self.scale * self.adapter(x)  # (..., C)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"

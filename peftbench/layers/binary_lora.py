@@ -3,11 +3,17 @@
     A_b = offset_A + scale_A * sign(A - offset_A),  B_b likewise, one (scale, offset) per matrix
     y[..., rows_g] += s * dropout(x @ A_b,g^T) @ B_b,g^T         for each row group g (q, v of a fused qkv)
 
-Quantizers: ``mean_abs`` (offset 0, scale mean|W|, XNOR-Net style) and ``gaussian`` (the authors' code:
-offset mean(W), scale Phi^-1(0.75) * std(W), the 1-bit quantile code of a normalised Gaussian weight).
-Gradients reach the latent float factors through a straight-through estimator: dA_b/dA = I (no clipping;
-scale and offset are treated as constants in the backward). ``pack()`` stores the signs at 1 bit per weight
-plus float32 scales (and offsets); ``load_packed()`` makes the layer use exactly the decoded factors.
+Quantizers: ``gaussian`` (default, the authors' code: offset mean(W), scale Phi^-1(0.75) * std(W), the 1-bit
+quantile code of a normalised Gaussian weight) and ``mean_abs`` (offset 0, scale mean|W|, XNOR-Net style).
+Gradients reach the latent float factors through a straight-through estimator on the standardised weight, as the
+authors write it (their ``QLinear``):
+
+    w_n = (W - mean) / (std + 1e-5);   W_b = (q(w_n) + w_n - sg(w_n)) * std + mean,   q(z) = +-Phi^-1(0.75)
+
+with the LIVE mean and std, so the gradient also flows through the per-matrix statistics
+(dW_b/dW = I + (q - w_n) dstd/dW, up to the 1e-5). ``mean_abs`` uses the plain identity STE (its scale is a
+constant in the backward). ``pack()`` stores the signs at 1 bit per weight plus float32 scales (and offsets);
+``load_packed()`` makes the layer use exactly the decoded factors.
 """
 
 from __future__ import annotations
@@ -43,8 +49,15 @@ def decode(bits: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tor
 
 
 def ste_binarise(w: torch.Tensor, quantizer: str) -> torch.Tensor:
-    """The binarised ``w`` in value, the identity in the backward (``w - w.detach()`` is exactly 0)."""
-    return decode(*binary_code(w, quantizer)) + (w - w.detach())
+    """The binarised stack ``w`` (G, a, b) in value (exactly ``decode(*binary_code(w, quantizer))``) with the
+    quantizer's straight-through backward (see the module docstring)."""
+    if quantizer != "gaussian":
+        return decode(*binary_code(w, quantizer)) + (w - w.detach())  # identity backward; w - sg(w) is exactly 0
+    flat = w.flatten(1)  # (G, a*b)
+    mean, std = flat.mean(1)[:, None, None], flat.std(1)[:, None, None]  # (G, 1, 1), live
+    w_n = (w - mean) / (std + 1e-5)  # standardised, (G, a, b)
+    q = GAUSS_1BIT * ((w_n.detach() >= 0).to(w.dtype) * 2 - 1)  # the 1-bit code +-0.674, no gradient
+    return (q + (w_n - w_n.detach())) * std + mean
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -69,7 +82,7 @@ class BinaryLoRALinear(LoRALinear):
         dropout: dropout on the rank-r hidden ``x @ A_b^T`` (the authors' code; their adapter has no activation).
         init: ``trunc_normal`` (B ~ N(0, 1e-3^2) truncated to +-2e-3, the authors' binary variant: the step-0
             delta is not zero) or ``zeros`` (B = 0: exact identity at step 0). A keeps LoRA's Kaiming-uniform init.
-        quantizer: ``mean_abs`` or ``gaussian`` (see the module docstring).
+        quantizer: ``gaussian`` (the authors') or ``mean_abs`` (see the module docstring).
     """
 
     def __init__(
@@ -80,7 +93,7 @@ class BinaryLoRALinear(LoRALinear):
         scale: float = 1.0,
         dropout: float = 0.1,
         init: str = "trunc_normal",
-        quantizer: str = "mean_abs",
+        quantizer: str = "gaussian",
     ) -> None:
         super().__init__(base_layer, rank, row_groups, scale=scale, dropout=dropout)
         if quantizer not in QUANTIZERS:

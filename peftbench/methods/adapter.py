@@ -32,7 +32,8 @@ class Adapter(Method):
         n: hidden width of every adapter (ignored when ``sigma`` is set).
         sigma: compression ratio C / n; sets n = max(1, round(C / sigma)) per block (proportional sizing).
         placement: ``mlp`` (default), ``attn`` or ``both``.
-        act: activation between down and up (gelu, relu, silu, identity); the papers leave it open, GELU is ViT's.
+        act: activation between down and up (gelu, quick_gelu, relu, silu, identity); GELU is ViT's and Houlsby's,
+            quick_gelu NOAH's (the SPT tables' Adapter rows).
         dropout: dropout on the hidden activations.
     """
 

@@ -1,12 +1,14 @@
 """AdaptFormer (Chen et al., "AdaptFormer: Adapting Vision Transformers for Scalable Visual Recognition", NeurIPS 2022,
 arXiv:2205.13535): a scaled bottleneck branch in parallel with every block's MLP.
 
-    mlp'(h) = mlp(h) + s * up(dropout(relu(down(h)))),   h = norm2(x), the MLP's input
+    x' = x + mlp(norm2(x)) + s * up(dropout(relu(down(b)))),   b = x (input=block, default) | norm2(x) (input=norm)
 
-The paper's Eq. feeds the branch LN(x), the MLP's input, which is what wrapping the MLP gives; the authors'
-code (adapter_layernorm_option="none") feeds it the un-normalised x instead: we follow the paper. Being inside
-the MLP, the branch also passes the block's layer-scale and drop-path (the code adds it after drop-path).
-``up`` is zero-initialised ("lora" init of the code) so step 0 equals the pre-trained model.
+The authors' code (``adapter_layernorm_option="none"``, what produced the published numbers) feeds the branch the
+un-normalised x, the block's state after attention: ``input=block`` (default). The paper's equation feeds it
+LN(x), the MLP's input: ``input=norm``. For ``block`` the block's norm2 moves inside the MLP wrapper (the block's
+own becomes an Identity), so the wrapper sees x. Being inside the MLP wrapper, the branch also passes the block's
+layer-scale and drop-path (the code adds it after drop-path). ``up`` is zero-initialised ("lora" init of the code)
+so step 0 equals the pre-trained model.
 
 Trainable backbone parameters = L x (C*n + n + n*C + C) for L blocks of width C; ViT-B/16, n = 64:
 12 x (768*64 + 64 + 64*768 + 768) = 1,189,632 (1.387% of 85,798,656).
@@ -17,7 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from peftbench.backbones import anatomy
-from peftbench.errors import check_range
+from peftbench.errors import ConfigError, check_range
 from peftbench.layers.adapter import Bottleneck, ParallelAdapter
 from peftbench.methods.base import Method, State, freeze
 
@@ -29,12 +31,16 @@ class AdaptFormer(Method):
         n: bottleneck width (the paper's \\hat{d}; 64 on VTAB).
         scale: s (0.1 in the paper).
         dropout: dropout on the hidden activations (0.1 in the authors' code).
+        input: what the branch sees: ``block`` (the un-normalised x, the authors' code) or ``norm`` (norm2(x), the
+            MLP's input, the paper's equation).
     """
 
-    def __init__(self, n: int = 64, scale: float = 0.1, dropout: float = 0.1) -> None:
+    def __init__(self, n: int = 64, scale: float = 0.1, dropout: float = 0.1, input: str = "block") -> None:
         check_range("method.n", n, 1, integer=True)
         check_range("method.dropout", dropout, 0.0, 1.0)
-        self.n, self.scale, self.dropout = int(n), float(scale), float(dropout)
+        if input not in ("block", "norm"):
+            raise ConfigError(f"method.input={input!r}: choose block (the authors' code) or norm (the paper)")
+        self.n, self.scale, self.dropout, self.input = int(n), float(scale), float(dropout), input
 
     def apply(self, model: nn.Module, state: State) -> None:
         freeze(model)
@@ -43,4 +49,11 @@ class AdaptFormer(Method):
                 continue
             weight = block.linear("fc1").weight
             branch = Bottleneck(block.dim, self.n, "relu", self.dropout, device=weight.device, dtype=weight.dtype)
-            block.set_mlp(ParallelAdapter(block.mlp, branch, self.scale))
+            norm = None
+            if self.input == "block":
+                norm = block.mlp_norm()
+                if norm is None:
+                    raise ConfigError(f"method.input=block: block {block.path} has no norm in front of its MLP; "
+                                      "use method.input=norm")
+                block.set_mlp_norm(nn.Identity())
+            block.set_mlp(ParallelAdapter(block.mlp, branch, self.scale, pre_norm=norm))
