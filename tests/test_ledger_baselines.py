@@ -167,3 +167,19 @@ def test_spt_tables_adapter_rows_use_noahs_quick_gelu():
     act = Bottleneck(8, 4, "quick_gelu").act
     torch.testing.assert_close(act(x), x * torch.sigmoid(1.702 * x))
     assert not torch.allclose(act(x), torch.nn.functional.gelu(x), atol=1e-3)  # not the exact GELU
+
+
+def test_spt_tables_lora_rows_use_noahs_fused_qkv_adapter():
+    """SPT's LORA-k rows follow NOAH's LoRA code: one rank-k adapter over the whole fused qkv."""
+    from omegaconf import OmegaConf
+
+    from peftbench.compose import compose_config
+
+    rows = []
+    for name in ("spt_1", "spt_1_fgvc", "spt_2_mae", "spt_2_mocov3", "spt_3", "spt_7"):
+        spec = OmegaConf.load(Path(__file__).parents[1] / "conf" / "table" / f"{name}.yaml")
+        rows += [list(row.overrides) for row in spec.rows if "method=lora" in row.get("overrides", [])]
+    assert len(rows) == 10  # LoRA-8 and LoRA-16 of spt_1, spt_1_fgvc, spt_2 (x2); LoRA-8 of spt_3; spt_7's LoRA-16
+    for overrides in rows:
+        method = compose_config(overrides).method
+        assert list(method.targets) == ["q", "k", "v"] and method.fused_qkv is True, overrides
