@@ -238,6 +238,12 @@ def token_parameters(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_parameters() if name in listed}
 
 
+def relative_position_tables(model: nn.Module) -> set[str]:
+    """Names of Swin's relative-position bias tables (timm ``relative_position_bias_table``, (169, heads) at window 7);
+    empty for a model without them."""
+    return {name for name, _ in model.named_parameters() if name.endswith("relative_position_bias_table")}
+
+
 #: the parameters outside every block, by role: what a scorer's ``exclude`` names (never timm's attribute names)
 EMBEDDING_PARTS = ("class_token", "register_tokens", "position_embedding", "patch_embedding")
 _EMBEDDING_PREFIX = {"cls_token": "class_token", "reg_token": "register_tokens", "pos_embed": "position_embedding",
