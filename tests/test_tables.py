@@ -52,6 +52,9 @@ def test_every_spec_loads_and_its_rows_compose_at_both_scales(path, composer):
                 tasks = []
             column = task_overrides(spec.benchmark, tasks[0], scale) if tasks else [ACCOUNTING_DATASET[scale]]
             values = [f"{k}={format_value(v)}" for k, v in grid_of(row, scale)[0].items()]
+            if scale != "paper":  # CPU scales run the embedded backbone, never one that must be downloaded
+                backbones = [o for o in common_overrides(spec, row, scale, []) if o.startswith("backbone=")]
+                assert backbones[-1:] == ["backbone=vit_micro"], f"{path.name}: {row.name!r} at {scale}: {backbones}"
             try:
                 composer.validate([*common_overrides(spec, row, scale, []), *column, *values])
             except Exception as err:  # noqa: BLE001
