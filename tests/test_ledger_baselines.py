@@ -2,7 +2,7 @@
 
 Full and linear probing on ViT-B/16; the sizes of TINA's baselines on Swin-T (the paper prints them, so the
 authors' trainable sets can be read back from the numbers); Partial-k on Swin; NOAH's fused-qkv LoRA against
-peftbench's q/v LoRA; AdaptFormer's branch inside the MLP's drop-path. Models are built on the meta device where
+peftbench's q/v LoRA; AdaptFormer's branch after the MLP's drop-path. Models are built on the meta device where
 only shapes matter.
 """
 
@@ -122,22 +122,24 @@ def test_noah_fused_qkv_lora_has_the_q_v_lora_count_but_also_changes_k(vit_b):
     assert layer.delta_weight()[k_rows].abs().min() > 0
 
 
-def test_adaptformer_branch_is_dropped_with_the_mlp_by_drop_path():
-    """The branch lives inside the MLP wrapper, so the block's drop-path drops it with the MLP (the authors' code
-    adds it after drop-path): with drop-path 1 on block 1 the block is the identity even with a non-zero branch."""
+@pytest.mark.parametrize("branch_input", ["block", "norm"])
+def test_adaptformer_branch_is_added_after_the_mlps_drop_path(branch_input):
+    """As the authors' code, the branch is added after the MLP's drop-path: with drop-path 1 on block 1 (attention
+    and MLP always dropped in training) the block is x + s * branch(b), b = x or norm2(x), not the identity."""
     torch.manual_seed(0)
     model = VisionTransformer(
         img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=3, drop_path_rate=1.0
     )  # linspace(0, 1, 2): block 0 none, block 1 always dropped
-    prepare_model(model, AdaptFormer(n=8, scale=1.0, dropout=0.0))
+    norm2 = copy.deepcopy(anatomy.blocks(model)[1].module.norm2)
+    prepare_model(model, AdaptFormer(n=8, scale=0.5, dropout=0.0, input=branch_input))
     block = anatomy.blocks(model)[1]
     with torch.no_grad():
         block.mlp.adapter.up.weight.normal_()
     x = torch.randn(2, 17, 48)
     model.train()
-    torch.testing.assert_close(block.module(x), x, rtol=0, atol=0)
-    model.eval()
-    assert (block.module(x) - x).abs().max() > 0
+    b = x if branch_input == "block" else norm2(x)
+    branch = block.mlp.adapter
+    torch.testing.assert_close(block.module(x), x + 0.5 * branch.up(torch.relu(branch.down(b))), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(("rank", "printed"), [(4, 349_209), (8, 419_865), (16, 561_177), (32, 843_801)])

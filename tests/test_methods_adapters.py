@@ -171,7 +171,8 @@ def test_adaptformer_branch_is_parallel_to_the_mlp_and_anatomy_sees_through_it(b
     assert len(views) == 2 and all(isinstance(b.mlp, ParallelAdapter) for b in views)
     block = views[0]
     assert block.mlp.base_layer is mlps[0] and block.linear("fc1") is block.mlp.base_layer.get_submodule("fc1")
-    assert isinstance(block.mlp_norm(), torch.nn.Identity) == (branch_input == "block")
+    assert all(isinstance(getattr(block.module, n), torch.nn.Identity) for n in ("norm2", "ls2", "drop_path2"))
+    assert block.mlp.pre_norm is original.norm2 or torch.equal(block.mlp.pre_norm.weight, original.norm2.weight)
     branch = block.mlp.adapter
     x1 = x + original.ls1(original.attn(original.norm1(x)))  # (2, 17, 48)
     b = x1 if branch_input == "block" else original.norm2(x1)

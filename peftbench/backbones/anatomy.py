@@ -65,13 +65,19 @@ class BlockView:
         self.module.mlp = new
         self.mlp = new
 
-    def mlp_norm(self) -> nn.Module | None:
-        """The norm in front of the MLP (timm ``norm2``, pre-norm blocks); None when the block has none."""
-        return getattr(self.module, "norm2", None)
-
-    def set_mlp_norm(self, new: nn.Module) -> None:
-        """Replace the norm in front of the MLP (e.g. by nn.Identity when a wrapper applies it itself)."""
-        self.module.norm2 = new
+    def take_mlp_residual(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """Hand over the modules around the MLP of a pre-norm block, ``x + drop_path2(ls2(mlp(norm2(x))))``: returns
+        (norm2, ls2, drop_path2) and leaves nn.Identity in their places, so the block adds ``mlp(x)`` and a wrapper
+        of the MLP applies them itself (an absent layer scale comes back as nn.Identity)."""
+        if not isinstance(getattr(self.module, "norm2", None), nn.Module) or not hasattr(self.module, "drop_path2"):
+            raise ConfigError(f"block {self.path} is not a pre-norm transformer block (no norm2 / drop_path2)")
+        parts = []
+        for name in ("norm2", "ls2", "drop_path2"):
+            part = getattr(self.module, name, None)
+            parts.append(part if isinstance(part, nn.Module) else nn.Identity())
+            if part is not None:
+                setattr(self.module, name, nn.Identity())
+        return parts[0], parts[1], parts[2]
 
     def rows(self, target: str) -> torch.Tensor | None:
         """Output rows of the holding linear that belong to ``target`` (None = all rows)."""

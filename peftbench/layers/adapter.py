@@ -93,27 +93,37 @@ class SequentialAdapter(BaseLayerWrapper):
 class ParallelAdapter(BaseLayerWrapper):
     """A branch beside a block's MLP (AdaptFormer):
 
-        y = base_layer(x) + scale * adapter(x)                 pre_norm None: the branch sees the MLP's input
-        y = base_layer(pre_norm(x)) + scale * adapter(x)       pre_norm given: the block's pre-MLP norm moved here
-                                                               (the block's own is an Identity), so the branch
-                                                               sees the un-normalised x, as AdaptFormer's code
+        y = base_layer(x) + scale * adapter(x)                               residual None
+
+    or, holding the MLP residual's own modules (the block's are nn.Identity, so the block adds y to x):
+
+        y = drop_path(layer_scale(base_layer(norm(x)))) + scale * adapter(b),   b = x or norm(x)
+
+    which puts the branch outside the MLP's drop-path and layer scale, as AdaptFormer's code.
 
     Args:
         base_layer: the frozen module (a block's MLP), mapping width C to C = ``adapter.n_in``.
         adapter: the bottleneck.
         scale: s, the branch's multiplier.
-        pre_norm: the block's frozen pre-MLP norm, or None (named so it never shadows timm Mlp's own ``norm``).
+        residual: (norm, layer_scale, drop_path) of the block's MLP residual, or None.
+        normalised_input: the branch sees norm(x) instead of x (only with ``residual``).
     """
 
     def __init__(self, base_layer: nn.Module, adapter: Bottleneck, scale: float = 0.1,
-                 pre_norm: nn.Module | None = None) -> None:
+                 residual: tuple[nn.Module, nn.Module, nn.Module] | None = None,
+                 normalised_input: bool = False) -> None:
         super().__init__()
         self.base_layer, self.adapter, self.scale = base_layer, adapter, float(scale)
-        self.pre_norm = pre_norm
+        # named so they never shadow timm Mlp's own ``norm`` / ``drop`` children
+        self.pre_norm, self.post_scale, self.post_drop_path = residual if residual is not None else (None, None, None)
+        self.normalised_input = bool(normalised_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x if self.pre_norm is None else self.pre_norm(x)  # (..., C): the MLP's input
-        return self.base_layer(h) + self.scale * self.adapter(x)  # (..., C)
+        if self.pre_norm is None:
+            return self.base_layer(x) + self.scale * self.adapter(x)  # (..., C)
+        h = self.pre_norm(x)  # (..., C): the MLP's input
+        y = self.post_drop_path(self.post_scale(self.base_layer(h)))
+        return y + self.scale * self.adapter(h if self.normalised_input else x)  # (..., C)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"

@@ -1,14 +1,14 @@
 """AdaptFormer (Chen et al., "AdaptFormer: Adapting Vision Transformers for Scalable Visual Recognition", NeurIPS 2022,
 arXiv:2205.13535): a scaled bottleneck branch in parallel with every block's MLP.
 
-    x' = x + mlp(norm2(x)) + s * up(dropout(relu(down(b)))),   b = x (input=block, default) | norm2(x) (input=norm)
+    x' = x + drop_path(mlp(norm2(x))) + s * up(dropout(relu(down(b)))),   b = x (input=block) | norm2(x) (input=norm)
 
-The authors' code (``adapter_layernorm_option="none"``, what produced the published numbers) feeds the branch the
-un-normalised x, the block's state after attention: ``input=block`` (default). The paper's equation feeds it
-LN(x), the MLP's input: ``input=norm``. For ``block`` the block's norm2 moves inside the MLP wrapper (the block's
-own becomes an Identity), so the wrapper sees x. Being inside the MLP wrapper, the branch also passes the block's
-layer-scale and drop-path (the code adds it after drop-path). ``up`` is zero-initialised ("lora" init of the code)
-so step 0 equals the pre-trained model.
+As the authors' code (what produced the published numbers): the branch reads the un-normalised x
+(``adapter_layernorm_option="none"``: ``input=block``, default) and is added after the MLP's drop-path (and layer
+scale). The paper's equation feeds it LN(x), the MLP's input: ``input=norm``. The block's norm2, layer scale and
+drop-path move into the MLP wrapper (the block keeps nn.Identity in their places), which is how the wrapper sees x
+and keeps the branch out of the drop-path. ``up`` is zero-initialised ("lora" init of the code) so step 0 equals
+the pre-trained model.
 
 Trainable backbone parameters = L x (C*n + n + n*C + C) for L blocks of width C; ViT-B/16, n = 64:
 12 x (768*64 + 64 + 64*768 + 768) = 1,189,632 (1.387% of 85,798,656).
@@ -49,11 +49,5 @@ class AdaptFormer(Method):
                 continue
             weight = block.linear("fc1").weight
             branch = Bottleneck(block.dim, self.n, "relu", self.dropout, device=weight.device, dtype=weight.dtype)
-            norm = None
-            if self.input == "block":
-                norm = block.mlp_norm()
-                if norm is None:
-                    raise ConfigError(f"method.input=block: block {block.path} has no norm in front of its MLP; "
-                                      "use method.input=norm")
-                block.set_mlp_norm(nn.Identity())
-            block.set_mlp(ParallelAdapter(block.mlp, branch, self.scale, pre_norm=norm))
+            residual = block.take_mlp_residual()  # norm2, ls2, drop_path2: the wrapper applies them itself
+            block.set_mlp(ParallelAdapter(block.mlp, branch, self.scale, residual, self.input == "norm"))
