@@ -107,7 +107,7 @@ def point_keys(cfg: DictConfig) -> dict[str, str]:
 
 
 def instantiate_group(node: Any, group: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate(node, **kwargs)`` for config group ``group``; a constructor's ValueError or
+    """Hydra's ``instantiate`` of ``node`` (with ``kwargs``) for config group ``group``; a constructor's ValueError or
     TypeError (a value out of its domain, an unknown key) becomes one :class:`ConfigError` line naming the group.
 
     ``node`` must come from ``conf/`` (composed, or checked by :func:`config_from_file`).

@@ -36,7 +36,7 @@ def lora_run(tmp_path_factory):
     if not Path(vit_micro.asset_path()).is_file():
         pytest.skip("packaged vit_micro weights not built (python -m peftbench.pretrain)")
     tmp = tmp_path_factory.mktemp("export")
-    overrides = ["backbone.pretrained=true", "method.scale=4.0"]  # the packaged weights: what timm/peft load too
+    overrides = ["backbone.pretrained=true", "method.scale=4.0"]  # offline-ok: the packaged weights
     cfg = compose_config(TINY + [f"paths.output_dir={tmp}/outputs", *overrides])
     return execute(cfg, tmp / "run"), tmp / "run"
 
@@ -99,7 +99,7 @@ def test_merged_timm_layout_loads_with_timm_and_matches_test_accuracy(lora_run, 
     assert config["model_args"]["img_size"] == [32, 32]
     cfg = config["pretrained_cfg"]
     assert {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in PREPROCESSING} == PREPROCESSING
-    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # timm alone reads the folder
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # offline-ok: timm alone, a folder
     assert type(model) is VisionTransformer and model.num_classes == 4
     data = timm.data.resolve_data_config(model=model)  # what a timm user feeds create_transform
     assert (tuple(data["mean"]), tuple(data["std"]), data["crop_pct"]) == NORMALIZE["imagenet"] + (1.0,)
@@ -116,8 +116,10 @@ def test_lora_adapter_loads_with_peft_onto_the_plain_timm_model(lora_run, export
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "vit_micro" and config["r"] == 16  # q and v: rank 2 x 8
     assert exported["peft_base_args"] == {"num_classes": 4, "img_size": 32}
-    base = timm.create_model(config["base_model_name_or_path"], pretrained=True, **exported["peft_base_args"])
-    adapted = peft.PeftModel.from_pretrained(base, folder).eval()
+    base = timm.create_model(  # offline-ok: vit_micro, packaged weights
+        config["base_model_name_or_path"], pretrained=True, **exported["peft_base_args"]  # offline-ok
+    )
+    adapted = peft.PeftModel.from_pretrained(base, folder).eval()  # offline-ok: a local folder
     module, datamodule, _ = load_task(run_dir / TASK_FILE, search_path=[TEST_CONF])
     x = datamodule.normalize(datamodule.split("test").images[:16])
     with torch.no_grad():

@@ -86,7 +86,7 @@ def adapt(method, base: torch.nn.Module, state: dict | None = None) -> torch.nn.
 
 def peft_roundtrip(model: torch.nn.Module, base: torch.nn.Module, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     save_peft(model, folder, base_model="vit_micro")
-    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()  # the plain timm model + adapter
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()  # offline-ok: a local folder
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         return loaded(x), model(x)

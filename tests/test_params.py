@@ -18,8 +18,8 @@ def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("peftbench.params tried to download something")
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
-    monkeypatch.setattr(timm_hub, "hf_hub_download", refuse, raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)  # offline-ok: makes any download fail
+    monkeypatch.setattr(timm_hub, "hf_hub_download", refuse, raising=False)  # offline-ok
     monkeypatch.setattr(timm_hub, "download_cached_file", refuse, raising=False)
 
 
@@ -27,7 +27,8 @@ def test_a_scorer_method_without_weights_or_data_scores_random_weights_on_synthe
     tmp_path, capsys, no_network
 ):
     args = ["method=gps", "dataset=vtab/dtd", f"paths.data_dir={tmp_path}",
-            "backbone.pretrained=true", "backbone.timm_name=vit_tiny_patch16_224", "++backbone.patch_size=8",
+            "backbone.pretrained=true", "backbone.timm_name=vit_tiny_patch16_224",  # offline-ok: refused
+            "++backbone.patch_size=8",
             "++backbone.depth=2", "scoring.n_samples=8", "scoring.batch_size=4"]  # a hub model: no local weights
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)

@@ -49,12 +49,12 @@ def test_one_architecture_the_one_the_weights_were_trained_with():
 
 @needs_asset
 def test_pretrained_true_gives_the_packaged_weights_offline():
-    model = timm.create_model("vit_micro", pretrained=True)
+    model = timm.create_model("vit_micro", pretrained=True)  # offline-ok: packaged weights
     packaged = {k: v.float() for k, v in load_file(str(ASSET)).items()}
     state = model.state_dict()
     assert set(state) == set(packaged) and all(torch.equal(state[k], packaged[k]) for k in packaged)
     assert model.num_classes == 0 and model(torch.zeros(1, 3, 32, 32)).shape == (1, 192)  # features: no head
-    with_head = timm.create_model("vit_micro", pretrained=True, num_classes=5)
+    with_head = timm.create_model("vit_micro", pretrained=True, num_classes=5)  # offline-ok
     assert torch.equal(with_head.blocks[3].mlp.fc2.weight, packaged["blocks.3.mlp.fc2.weight"])
 
 
@@ -98,4 +98,4 @@ def test_custom_arch_is_built_by_timm_and_records_its_arguments():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
     assert arch.items() <= model._model_args.items()  # what an export writes as timm's model_args
     with pytest.raises(WeightsError, match="custom arch has no pre-trained weights"):  # never vit_base's hub weights
-        build_backbone("custom", num_classes=3, arch=arch, pretrained=True)
+        build_backbone("custom", num_classes=3, arch=arch, pretrained=True)  # offline-ok: refused before any hub
