@@ -114,7 +114,7 @@ class ParallelAdapter(BaseLayerWrapper):
                  normalised_input: bool = False) -> None:
         super().__init__()
         self.base_layer, self.adapter, self.scale = base_layer, adapter, float(scale)
-        # named so they never shadow timm Mlp's own ``norm`` / ``drop`` children
+        # named so they never shadow a timm Mlp's own children (fc1, act, drop1, norm, fc2, drop2)
         self.pre_norm, self.post_scale, self.post_drop_path = residual if residual is not None else (None, None, None)
         self.normalised_input = bool(normalised_input)
 
